@@ -1,0 +1,222 @@
+"""Router / MoE configuration: every setting of the method page with its default, validated.
+
+`MoEConfig` is a plain dataclass with Hugging Face-style serialisation (`to_dict`, `to_json_string`,
+`save_pretrained`, `from_pretrained`, `from_dict`). Named *variants* (the paper's ablations and
+baselines) are presets over it: `MoEConfig.from_variant("no_sinkhorn", num_experts=8, ...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+CONFIG_NAME = "spectra_moe_config.json"
+
+#: Router implementations, by name (see `spectra.routers`).
+ROUTER_NAMES = (
+    "spectra",
+    "switch_top1",
+    "top2",
+    "gshard_top2",
+    "expert_choice",
+    "hash",
+    "base",
+    "aux_free",
+)
+
+#: Paper variants: SPECTRA, its five ablations (method page §2) and the baselines (§3).
+#: `dense` is not a router: it is the base model continued-trained without upcycling.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "spectra": {"router": "spectra"},
+    "no_context": {"router": "spectra", "context": "none"},
+    "no_expression": {"router": "spectra", "expression": "learned"},
+    "no_sinkhorn": {"router": "spectra", "use_sinkhorn": False},
+    "no_repulsion": {"router": "spectra", "repulsion_weight": 0.0},
+    "no_ortho": {"router": "spectra", "projector_ortho": "none", "ortho_loss_coef": 0.0},
+    "switch_top1": {"router": "switch_top1", "top_k": 1},
+    "top2": {"router": "top2", "top_k": 2},
+    "gshard_top2": {"router": "gshard_top2", "top_k": 2, "capacity_factor": 1.25},
+    "expert_choice": {"router": "expert_choice", "capacity_factor": 1.0},
+    "hash": {"router": "hash", "top_k": 1},
+    "base": {"router": "base", "top_k": 1},
+    "aux_free": {"router": "aux_free"},
+}
+ABLATIONS = ("no_context", "no_expression", "no_sinkhorn", "no_repulsion", "no_ortho")
+BASELINES = ("dense", "switch_top1", "top2", "gshard_top2", "expert_choice", "hash", "base", "aux_free")
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "router": ROUTER_NAMES,
+    "context": ("depth", "token", "none"),
+    "projector_ortho": ("param", "ns", "qr", "init", "none"),
+    "expression": ("projector", "learned"),
+    "weights_from": ("sinkhorn", "softmax"),
+}
+
+
+class ConfigError(ValueError):
+    """An impossible or unknown setting. The message names the field, the value and the fix."""
+
+
+@dataclass
+class MoEConfig:
+    """Every setting of a SPECTRA / baseline MoE layer (defaults: method page §1–§3).
+
+    Sizes
+        hidden_size: D, the width of the MLP input (0 = fill in from the model when upcycling).
+        num_experts: E routed experts (≥ 2). top_k: k experts per token (1 ≤ k ≤ E).
+        router_dim: R, the per-expert routing/expression dimension. context_dim: GRU hidden size
+        (None = R; never E·R, method page §1.1).
+    SPECTRA (§1)
+        context ∈ {depth, token, none}; projector_ortho ∈ {param, ns, qr, init, none}; ns_steps;
+        expression ∈ {projector, learned} (`learned` = the no_expression ablation, S = cos(r, u_e));
+        repulsion_weight λ; hinge_weight β and hinge_threshold τ (β = 0: off); use_sinkhorn;
+        sinkhorn_iters; sinkhorn_epsilon ε; weights_from ∈ {sinkhorn, softmax};
+        entropy_loss_coef λ_ent; ortho_loss_coef λ_ortho; loss_warmup_steps (linear, in optimizer
+        steps); ema_decay for the expert-expression and load EMAs.
+    Baselines (§3)
+        aux_loss_coef (Switch/HF load-balancing loss E·Σ f_e P_e); z_loss_coef; bias_update_rate
+        (aux_free); base_sinkhorn_iters (BASE balanced assignment).
+    Dispatch
+        capacity_factor: None = dropless; else a hard cap ⌈cf·N·k/E⌉ per expert (tokens over it pass
+        through the residual). capacity_in_eval: also cap at inference (off: keeps decoding causal).
+    """
+
+    router: str = "spectra"
+    hidden_size: int = 0
+    num_experts: int = 8
+    top_k: int = 2
+    router_dim: int = 128
+    context_dim: int | None = None
+    # SPECTRA
+    context: str = "depth"
+    projector_ortho: str = "param"
+    ns_steps: int = 12
+    expression: str = "projector"
+    repulsion_weight: float = 0.5
+    hinge_weight: float = 0.0
+    hinge_threshold: float = 0.7
+    use_sinkhorn: bool = True
+    sinkhorn_iters: int = 3
+    sinkhorn_epsilon: float = 0.05
+    weights_from: str = "sinkhorn"
+    entropy_loss_coef: float = 0.1
+    ortho_loss_coef: float = 0.01
+    loss_warmup_steps: int = 0
+    ema_decay: float = 0.99
+    # baselines
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 1e-3
+    base_sinkhorn_iters: int = 8
+    # dispatch
+    capacity_factor: float | None = None
+    capacity_in_eval: bool = False
+    # bookkeeping
+    variant: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "MoEConfig":
+        """Raise `ConfigError` naming the field, its value and the allowed values."""
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"MoEConfig.{name}={value!r} is not supported; allowed values: {', '.join(allowed)}.")
+        if not isinstance(self.num_experts, int) or self.num_experts < 2:
+            raise ConfigError(
+                f"MoEConfig.num_experts={self.num_experts!r}: a mixture needs at least 2 experts (an integer >= 2)."
+            )
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ConfigError(f"MoEConfig.top_k={self.top_k!r}: must be an integer >= 1.")
+        if self.top_k > self.num_experts:
+            raise ConfigError(
+                f"MoEConfig.top_k={self.top_k} > num_experts={self.num_experts}: a token cannot use more experts "
+                f"than exist; choose top_k in 1..{self.num_experts}."
+            )
+        for name in ("router_dim", "sinkhorn_iters", "ns_steps", "base_sinkhorn_iters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"MoEConfig.{name}={value!r}: must be a positive integer.")
+        if not isinstance(self.hidden_size, int) or self.hidden_size < 0:
+            raise ConfigError(
+                f"MoEConfig.hidden_size={self.hidden_size!r}: must be a positive integer (0 = take it from the model)."
+            )
+        if self.context_dim is not None and (not isinstance(self.context_dim, int) or self.context_dim < 1):
+            raise ConfigError(f"MoEConfig.context_dim={self.context_dim!r}: must be a positive integer or None (= router_dim).")
+        if not self.sinkhorn_epsilon > 0:
+            raise ConfigError(f"MoEConfig.sinkhorn_epsilon={self.sinkhorn_epsilon!r}: the temperature must be > 0.")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(
+                f"MoEConfig.capacity_factor={self.capacity_factor!r}: must be > 0, or None for dropless routing."
+            )
+        if self.router == "expert_choice" and self.capacity_factor is None:
+            raise ConfigError("MoEConfig.capacity_factor=None with router='expert_choice': expert choice needs a capacity factor (e.g. 1.0).")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"MoEConfig.ema_decay={self.ema_decay!r}: must be in [0, 1).")
+        for name in ("repulsion_weight", "hinge_weight", "entropy_loss_coef", "ortho_loss_coef", "aux_loss_coef",
+                     "z_loss_coef", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"MoEConfig.{name}={getattr(self, name)!r}: must be >= 0.")
+        if self.loss_warmup_steps < 0:
+            raise ConfigError(f"MoEConfig.loss_warmup_steps={self.loss_warmup_steps!r}: must be >= 0.")
+        return self
+
+    @property
+    def effective_context_dim(self) -> int:
+        return self.context_dim or self.router_dim
+
+    @property
+    def is_causal(self) -> bool:
+        """False for routers whose inference routing of a token depends on other tokens."""
+        return self.router != "expert_choice"
+
+    # ------------------------------------------------------------------ variants
+    @classmethod
+    def from_variant(cls, variant: str, **overrides: Any) -> "MoEConfig":
+        """The preset for a paper variant (`VARIANTS`), with `overrides` applied on top."""
+        if variant not in VARIANTS:
+            allowed = ", ".join(VARIANTS)
+            raise ConfigError(f"unknown variant {variant!r}; allowed values: {allowed} (and 'dense' for the training harness).")
+        kwargs = {**VARIANTS[variant], **overrides, "variant": variant}
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "MoEConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ serialisation (HF style)
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown MoEConfig field(s) {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(self.to_json_string())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "MoEConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: save one with MoEConfig.save_pretrained().")
+        with open(path) as fh:
+            return cls.from_dict(json.load(fh))

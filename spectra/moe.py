@@ -1,0 +1,187 @@
+"""`MoEBlock`: E experts + a router + dispatch without per-token Python loops.
+
+Tokens are grouped by expert with one stable sort, each expert runs once on its contiguous chunk,
+and the weighted outputs are scattered back with one `index_add_`. Dropless by default; a hard
+capacity ⌈cf·N·k/E⌉ per expert when `capacity_factor` is set (tokens over it pass through the
+residual: their MoE contribution is 0). Router losses and routing statistics are returned in
+`MoEOutput` and recorded in the router's `RoutingContext`, never dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .config import MoEConfig
+from .routers import Router, RoutingCall, build_router, capacity_keep
+from .routers.base import masked_mean
+
+
+class NonFiniteInputError(FloatingPointError):
+    """NaN or inf reached an MoE layer; the message names the layer."""
+
+
+@dataclass
+class MoEOutput:
+    hidden_states: torch.Tensor  #: same shape and dtype as the input
+    router_loss: torch.Tensor  #: sum of the weighted router losses of this layer (0 if none)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class FeedForward(nn.Module):
+    """The default expert of a standalone block: Linear(D→I) → GELU → Linear(I→D)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(hidden_size, intermediate_size)
+        self.act = nn.GELU()
+        self.fc_out = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+class MoEBlock(nn.Module):
+    """A mixture of `config.num_experts` experts behind one router.
+
+    Args:
+        config: the router/MoE configuration (``hidden_size`` must be set).
+        experts: the E expert modules (default: fresh `FeedForward(D, 4D)`), or a callable making one.
+        router: a router to *share* with other blocks (held by reference and not registered as a
+            submodule, so a shared router is saved once by its owner); default: a new router owned
+            by this block.
+        layer_idx: this block's MoE-layer ordinal (the depth index of SPECTRA's context cell).
+    """
+
+    def __init__(
+        self,
+        config: MoEConfig,
+        experts: Sequence[nn.Module] | Callable[[], nn.Module] | None = None,
+        router: Router | None = None,
+        layer_idx: int = 0,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if config.hidden_size <= 0:
+            raise ValueError("MoEConfig.hidden_size must be > 0 to build an MoEBlock (the upcycler fills it in).")
+        self.config = config
+        self.layer_idx = layer_idx
+        self.name = name or f"moe_layer_{layer_idx}"
+        if experts is None:
+            experts = [FeedForward(config.hidden_size, 4 * config.hidden_size) for _ in range(config.num_experts)]
+        elif callable(experts) and not isinstance(experts, nn.Module):
+            experts = [experts() for _ in range(config.num_experts)]
+        experts = list(experts)
+        if len(experts) != config.num_experts:
+            raise ValueError(f"MoEBlock got {len(experts)} experts but MoEConfig.num_experts={config.num_experts}.")
+        self.experts = nn.ModuleList(experts)
+        if router is None:
+            self.own_router = build_router(config)
+        else:
+            self.__dict__["_shared_router"] = router  # not a submodule: the owner saves it once
+
+    @property
+    def router(self) -> Router:
+        return self.__dict__.get("_shared_router") or self.own_router
+
+    @classmethod
+    def from_dense(cls, mlp: nn.Module, config: MoEConfig, noise_std: float = 0.0,
+                   router: Router | None = None, layer_idx: int = 0, name: str | None = None) -> "MoEBlock":
+        """Upcycle one dense MLP: E deep copies of it (optionally perturbed with Gaussian noise of
+        relative scale `noise_std`, for symmetry breaking as in the method notes' D.3)."""
+        experts = []
+        for _ in range(config.num_experts):
+            expert = copy.deepcopy(mlp)
+            if noise_std > 0:
+                with torch.no_grad():
+                    for p in expert.parameters():
+                        if p.dim() > 1:
+                            p.add_(torch.randn_like(p) * noise_std * p.std())
+            experts.append(expert)
+        return cls(config, experts, router=router, layer_idx=layer_idx, name=name)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                token_ids: torch.Tensor | None = None) -> MoEOutput:
+        """Route and mix. `hidden_states`: [..., D]; `padding_mask`/`token_ids`: the leading shape
+        (default: whatever the model-level `RoutingContext` holds for this call, if shapes match)."""
+        cfg, router = self.config, self.router
+        shape = hidden_states.shape
+        if shape[-1] != cfg.hidden_size:
+            raise ValueError(f"{self.name}: hidden size {shape[-1]} does not match MoEConfig.hidden_size={cfg.hidden_size}.")
+        if not torch.isfinite(hidden_states).all():
+            raise NonFiniteInputError(
+                f"non-finite values (NaN or inf) in the input of MoE layer {self.layer_idx} ('{self.name}'); "
+                "the model diverged upstream of this layer — lower the learning rate or check the inputs.")
+        x = hidden_states.reshape(-1, shape[-1])
+        n = x.shape[0]
+        ctx = router.ctx
+        mask = _flat(padding_mask if padding_mask is not None else ctx.padding_mask, n, torch.bool)
+        ids = _flat(token_ids if token_ids is not None else ctx.token_ids, n, torch.long)
+        batch_shape = (shape[0], shape[1]) if len(shape) == 3 else (1, n)
+        call = RoutingCall(self.layer_idx, mask, ids, batch_shape, ctx.continuation)
+        out = router(x, call)
+
+        tok, exp, w = out.token_index, out.expert_index, out.weight
+        keep = mask[tok] if mask is not None else None
+        pad_keep = keep
+        if cfg.capacity_factor is not None and router.block_capacity and (self.training or cfg.capacity_in_eval):
+            n_real = int(mask.sum()) if mask is not None else n
+            capacity = math.ceil(cfg.capacity_factor * n_real * cfg.top_k / cfg.num_experts)
+            cap_keep = capacity_keep(exp if keep is None else exp.masked_fill(~keep, 0), capacity, cfg.num_experts,
+                                     priority=None if keep is None else keep.float())
+            keep = cap_keep if keep is None else (keep & cap_keep)
+        real_assigned = int(pad_keep.sum()) if pad_keep is not None else exp.numel()
+        if keep is not None:
+            tok, exp, w = tok[keep], exp[keep], w[keep]
+        y = self.dispatch(x, tok, exp, w)
+
+        losses = out.losses
+        router_loss = torch.stack(list(losses.values())).sum() if losses else x.new_zeros((), dtype=torch.float32)
+        counts = torch.bincount(exp, minlength=cfg.num_experts).float()
+        stats = {
+            "tokens_per_expert": counts,
+            "num_tokens": torch.tensor(float(mask.sum()) if mask is not None else float(n)),
+            "dropped_fraction": torch.tensor(1.0 - exp.numel() / max(1, real_assigned)),
+            "router_probs_mean": masked_mean(out.probs.detach().float(), mask),
+            "routing_entropy": _normalised_entropy(out.probs.detach(), mask),
+            **out.stats,
+        }
+        if out.topk_index is not None:
+            stats["top1"] = out.topk_index[:, 0].detach()
+        update = dict(out.state_update)
+        update["counts"] = counts.detach()
+        ctx.record(self.layer_idx, router_loss, stats, update, self.training and torch.is_grad_enabled())
+        return MoEOutput(y.reshape(shape), router_loss, losses, stats)
+
+    def dispatch(self, x: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Tensor,
+                 weight: torch.Tensor) -> torch.Tensor:
+        """y[n] = Σ_m w_m · expert_{e_m}(x[n]) over assignments m of token n (sort, split, scatter)."""
+        order = torch.argsort(expert_index, stable=True)
+        token_sorted = token_index[order]
+        counts = torch.bincount(expert_index, minlength=len(self.experts)).tolist()
+        chunks = x[token_sorted].split(counts)
+        outputs = [self.experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e] > 0]
+        y = x.new_zeros(x.shape)
+        if outputs:
+            mixed = torch.cat(outputs) * weight[order].to(x.dtype).unsqueeze(-1)
+            y = y.index_add(0, token_sorted, mixed.to(x.dtype))
+        return y
+
+
+def _flat(t: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor | None:
+    if t is None or t.numel() != n:
+        return None
+    return t.reshape(-1).to(dtype)
+
+
+def _normalised_entropy(probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    p = probs.float().clamp_min(1e-12)
+    h = -(p * p.log()).sum(-1) / math.log(p.shape[-1])
+    return h.mean() if mask is None else (h * mask.float()).sum() / mask.float().sum().clamp_min(1)

@@ -1,0 +1,38 @@
+"""Routers, one interface, chosen by name (`build_router(config)`)."""
+
+from __future__ import annotations
+
+from ..config import ROUTER_NAMES, ConfigError, MoEConfig
+from .balanced import BaseLayerRouter, ExpertChoiceRouter, HashRouter
+from .base import Router, RouterOutput, RoutingCall, RoutingContext
+from .capacity import capacity_keep
+from .spectra import SpectraRouter, newton_schulz_orthogonalise, semi_orthogonality_residual
+from .topk import AuxFreeRouter, TopKRouter, load_balancing_loss
+
+ROUTERS: dict[str, type[Router]] = {
+    "spectra": SpectraRouter,
+    "switch_top1": TopKRouter,
+    "top2": TopKRouter,
+    "gshard_top2": TopKRouter,
+    "aux_free": AuxFreeRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "hash": HashRouter,
+    "base": BaseLayerRouter,
+}
+assert set(ROUTERS) == set(ROUTER_NAMES)
+
+
+def build_router(config: MoEConfig) -> Router:
+    """Instantiate the router named by ``config.router``."""
+    try:
+        cls = ROUTERS[config.router]
+    except KeyError:
+        raise ConfigError(f"MoEConfig.router={config.router!r} is not supported; allowed values: {', '.join(ROUTERS)}.") from None
+    return cls(config)
+
+
+__all__ = [
+    "ROUTERS", "AuxFreeRouter", "BaseLayerRouter", "ExpertChoiceRouter", "HashRouter", "Router", "RouterOutput",
+    "RoutingCall", "RoutingContext", "SpectraRouter", "TopKRouter", "build_router", "capacity_keep",
+    "load_balancing_loss", "newton_schulz_orthogonalise", "semi_orthogonality_residual",
+]

@@ -1,0 +1,197 @@
+"""The router interface, its output record and the per-model routing context.
+
+A router maps the N tokens entering an MoE block to a *flat assignment list*
+(token_index[m], expert_index[m], weight[m]), m = 1..M. Token-choice routers emit M = N·k entries;
+expert choice emits a variable number per token. Capacity (when set) is applied by the MoE block.
+
+One router module may be shared by every MoE layer of a model (SPECTRA's design). The
+`RoutingContext` it owns carries what lives for one forward call (the depth state of the context
+cell, the token ids and padding mask, this call's losses and statistics) and what lives until the
+next optimizer step (the records from which running statistics are updated exactly once per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import MoEConfig
+
+
+@dataclass
+class RouterOutput:
+    """What a router returns for N tokens."""
+
+    token_index: torch.Tensor  #: [M] long
+    expert_index: torch.Tensor  #: [M] long
+    weight: torch.Tensor  #: [M] combine weight
+    probs: torch.Tensor  #: [N, E] routing distribution used for metrics (rows sum to 1)
+    topk_index: torch.Tensor | None = None  #: [N, k] token-choice selection (None for expert choice)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  #: weighted router losses (with grad)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  #: detached extras (gram, errors, ...)
+    state_update: dict[str, torch.Tensor] = field(default_factory=dict)  #: detached inputs of the per-step update
+
+
+@dataclass
+class RoutingCall:
+    """Per-call inputs of a router beyond the hidden states."""
+
+    layer_idx: int = 0
+    mask: torch.Tensor | None = None  #: [N] bool, True = real token
+    token_ids: torch.Tensor | None = None  #: [N] long (hash routing)
+    batch_shape: tuple[int, int] | None = None  #: (B, T) of the flattened tokens
+    continuation: bool = False  #: incremental decoding step (KV cache)
+
+
+class RoutingContext:
+    """State shared by all layers of one routed model (plain Python; never saved).
+
+    * per forward call: ``token_ids``/``padding_mask`` (set by `begin_forward`), ``states`` (the
+      context cell's output per MoE layer index), ``losses`` and ``stats`` per MoE layer index;
+    * until the next optimizer step: ``pending`` records keyed by (forward id, layer index), so an
+      activation-checkpoint recomputation of a layer overwrites its own record instead of adding one.
+    """
+
+    def __init__(self) -> None:
+        self.forward_id = 0
+        self.token_ids: torch.Tensor | None = None
+        self.padding_mask: torch.Tensor | None = None
+        self.continuation = False
+        self.states: dict[int, torch.Tensor] = {}
+        self.seq_states: dict[int, torch.Tensor] = {}  # context='token': last hidden per sequence and layer
+        self.losses: dict[int, torch.Tensor] = {}
+        self.stats: dict[int, dict[str, torch.Tensor]] = {}
+        self.pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.expression_override: str | None = None  # "batch_mean": the post-hoc expression ablation
+
+    def begin_forward(
+        self,
+        token_ids: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        continuation: bool = False,
+    ) -> None:
+        """Start a new forward call: reset the depth state, this call's losses and stats."""
+        self.forward_id += 1
+        self.token_ids = token_ids
+        self.padding_mask = padding_mask
+        self.continuation = continuation
+        self.states = {}
+        if not continuation:
+            self.seq_states = {}
+        self.losses = {}
+        self.stats = {}
+
+    def record(self, layer_idx: int, loss: torch.Tensor, stats: dict[str, torch.Tensor],
+               state_update: dict[str, torch.Tensor] | None, training: bool) -> None:
+        self.losses[layer_idx] = loss
+        self.stats[layer_idx] = stats
+        if training and state_update is not None:
+            self.pending[(self.forward_id, layer_idx)] = state_update
+
+    def pop_pending(self) -> list[dict[str, torch.Tensor]]:
+        records = [self.pending[key] for key in sorted(self.pending)]
+        self.pending = {}
+        return records
+
+    def router_loss(self) -> torch.Tensor | None:
+        """Mean over MoE layers of this call's weighted router losses (None if no layer ran)."""
+        if not self.losses:
+            return None
+        return torch.stack([self.losses[i] for i in sorted(self.losses)]).mean()
+
+
+class Router(nn.Module):
+    """Base class. Subclasses implement `route`; `update_state` runs once per optimizer step."""
+
+    #: False when inference routing of a token depends on other tokens (expert choice).
+    causal: bool = True
+    #: True when the MoE block applies `capacity_factor` to this router's assignments.
+    block_capacity: bool = True
+    #: True when weights of each token sum to 1 (so identical experts reproduce the dense MLP).
+    weights_sum_to_one: bool = True
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        if config.hidden_size <= 0:
+            raise ValueError(
+                "MoEConfig.hidden_size must be set (> 0) to build a router; the upcycler fills it from the model."
+            )
+        self.config = config
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k
+        self.ctx = RoutingContext()
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("load_ema", torch.full((config.num_experts,), 1.0 / config.num_experts))
+
+    def forward(self, x: torch.Tensor, call: RoutingCall) -> RouterOutput:  # noqa: D401
+        if x.dim() != 2 or x.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"router expects [tokens, hidden_size={self.config.hidden_size}] input, got shape {tuple(x.shape)}; "
+                "check MoEConfig.hidden_size against the model's hidden size."
+            )
+        return self.route(x, call)
+
+    def route(self, x: torch.Tensor, call: RoutingCall) -> RouterOutput:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ once-per-step state
+    @torch.no_grad()
+    def update_state(self, records: list[dict[str, torch.Tensor]]) -> None:
+        """Apply the records of one optimizer step (all layers, all micro-batches) to the EMAs."""
+        if not records:
+            return
+        counts = torch.stack([r["counts"] for r in records]).sum(0)
+        total = counts.sum().clamp_min(1)
+        decay = self.config.ema_decay
+        self.load_ema.mul_(decay).add_((1 - decay) * counts / total)
+        self.num_updates += 1
+        self._update_extra_state(records, counts)
+
+    def _update_extra_state(self, records: list[dict[str, torch.Tensor]], counts: torch.Tensor) -> None:
+        pass
+
+    def step(self) -> int:
+        """Consume this step's records. Call once after each optimizer step. Returns #records used."""
+        records = self.ctx.pop_pending()
+        self.update_state(records)
+        return len(records)
+
+    def loss_scale(self) -> float:
+        """Linear warm-up of the router losses, counted in optimizer steps."""
+        warm = self.config.loss_warmup_steps
+        return 1.0 if warm <= 0 else min(1.0, float(self.num_updates) / warm)
+
+    def extra_repr(self) -> str:
+        return f"router={self.config.router}, E={self.num_experts}, k={self.top_k}, causal={self.causal}"
+
+
+def topk_assignment(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """top-k per row: returns (token_index [N·k], expert_index [N·k], topk_index [N, k])."""
+    n = scores.shape[0]
+    topk_index = scores.topk(k, dim=-1).indices
+    token_index = torch.arange(n, device=scores.device).repeat_interleave(k)
+    return token_index, topk_index.reshape(-1), topk_index
+
+
+def load_counts(expert_index: torch.Tensor, num_experts: int, token_index: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens per expert (float), counting only assignments of real tokens."""
+    if mask is not None and token_index is not None:
+        expert_index = expert_index[mask[token_index]]
+    return torch.bincount(expert_index, minlength=num_experts).float()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over rows (dim 0) of real tokens; 0 if there are none."""
+    if mask is None:
+        return values.mean(0)
+    m = mask.to(values.dtype)
+    shape = (-1,) + (1,) * (values.dim() - 1)
+    return (values * m.view(shape)).sum(0) / m.sum().clamp_min(1.0)
+
+
+def to_stats(**values: Any) -> dict[str, torch.Tensor]:
+    return {k: (v.detach() if torch.is_tensor(v) else torch.tensor(v)) for k, v in values.items()}

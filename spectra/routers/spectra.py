@@ -1,0 +1,222 @@
+"""The SPECTRA router (method page §1): context cell, orthogonal expression projector, cosine
+similarity, expert Gram matrix, OSR cost, Sinkhorn in training, causal softmax at inference."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+from ..config import MoEConfig
+from ..sinkhorn import log_sinkhorn
+from .base import Router, RouterOutput, RoutingCall, load_counts, masked_mean, to_stats
+
+
+def newton_schulz_orthogonalise(weight: torch.Tensor, steps: int) -> torch.Tensor:
+    """Semi-orthogonal factor of `weight` by cubic Newton–Schulz, X ← 1.5X − 0.5·X XᵀX.
+
+    The input is first divided by its *spectral* norm (largest singular value), so every singular
+    value lies in (0, 1] where the iteration converges to 1 (the original divided by the Frobenius
+    norm, which leaves singular values near 1/√rank, and ran 3 steps: it did not orthogonalise).
+    """
+    tall = weight.shape[0] > weight.shape[1]
+    x = weight.t() if tall else weight
+    x = x / torch.linalg.matrix_norm(x, ord=2).clamp_min(1e-12)
+    for _ in range(steps):
+        x = 1.5 * x - 0.5 * (x @ x.t()) @ x
+    return x.t() if tall else x
+
+
+class _NewtonSchulz(nn.Module):
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.steps = steps
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return newton_schulz_orthogonalise(weight, self.steps)
+
+
+class _QR(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        tall = weight.shape[0] >= weight.shape[1]
+        q, r = torch.linalg.qr(weight if tall else weight.t())
+        q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones_like(torch.diagonal(r)))
+        return q if tall else q.t()
+
+
+def semi_orthogonality_residual(weight: torch.Tensor) -> torch.Tensor:
+    """‖WWᵀ − I‖_F for a wide W, ‖WᵀW − I‖_F for a tall one (the achievable form)."""
+    w = weight.detach().float()
+    gram = w @ w.t() if w.shape[0] <= w.shape[1] else w.t() @ w
+    return torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], device=w.device))
+
+
+class SpectraRouter(Router):
+    """SPECTRA: ``S = cos(r, p)``, ``C = −S + λ·|S| @ (G ⊙ (1−I))^{∘2}``, ``Q = Sinkhorn(C)``.
+
+    * ``r = reshape(W_r h_ℓ, [N, E, R])`` with ``h_ℓ = GRUCell(x_ℓ, h_{ℓ−1})`` over depth (§1.1);
+    * ``p = reshape(x W_pᵀ, [N, E, R])`` with W_p semi-orthogonal (§1.2);
+    * ``G = Ē Ēᵀ``, Ē the row-normalised mean expression per expert: from the batch in training,
+      from its per-layer EMA at inference so a token's routing never depends on other tokens (§1.4);
+    * training: top-k of the Sinkhorn plan Q (§1.6–1.7); inference: top-k of softmax(−C/ε);
+    * losses ``λ_ent · mean_n H(Q_n) + λ_ortho · ‖G − I‖_F²`` (§1.8).
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__(config)
+        d, e, r, h = config.hidden_size, config.num_experts, config.router_dim, config.effective_context_dim
+        self.router_dim = r
+        if config.context == "depth":
+            self.cell = nn.GRUCell(d, h)
+            self.context_out = nn.Linear(h, e * r, bias=False)
+        elif config.context == "token":
+            self.gru = nn.GRU(d, h, batch_first=True)
+            self.context_out = nn.Linear(h, e * r, bias=False)
+        else:
+            self.context_out = nn.Linear(d, e * r, bias=False)
+
+        if config.expression == "projector":
+            self.projector = nn.Linear(d, e * r, bias=False)
+            if config.projector_ortho != "none":
+                nn.init.orthogonal_(self.projector.weight)
+            if config.projector_ortho == "param":
+                parametrizations.orthogonal(self.projector, "weight")
+            elif config.projector_ortho == "ns":
+                parametrize.register_parametrization(self.projector, "weight", _NewtonSchulz(config.ns_steps))
+            elif config.projector_ortho == "qr":
+                parametrize.register_parametrization(self.projector, "weight", _QR())
+        else:  # no_expression ablation: learned per-expert vectors u_e
+            self.expert_vectors = nn.Parameter(torch.randn(e, r) / r**0.5)
+        layers = max(1, int(config.extra.get("num_layers", 1)))
+        self.register_buffer("ebar_ema", torch.zeros(layers, e, r))
+        self.register_buffer("ebar_ready", torch.zeros(layers, dtype=torch.bool))
+
+    # ------------------------------------------------------------------ pieces
+    def _context(self, x: torch.Tensor, call: RoutingCall) -> torch.Tensor:
+        ctx, layer = self.ctx, call.layer_idx
+        if self.config.context == "none":
+            return self.context_out(x)
+        prev = ctx.states.get(layer - 1)
+        if prev is not None and prev.shape[0] != x.shape[0]:
+            prev = None
+        if self.config.context == "depth":
+            h = self.cell(x, prev)
+        else:  # causal GRU over the sequence, plus the previous layer's per-token state
+            if call.batch_shape is None:
+                raise ValueError("context='token' needs the (batch, seq) shape of the tokens; call the router through MoEBlock.")
+            b, t = call.batch_shape
+            h0 = ctx.seq_states.get(layer) if call.continuation else None
+            if h0 is not None and h0.shape[1] != b:
+                h0 = None
+            out, hn = self.gru(x.view(b, t, -1), h0)
+            ctx.seq_states[layer] = hn.detach()
+            h = out.reshape(b * t, -1)
+            if prev is not None:
+                h = h + prev
+        ctx.states[layer] = h
+        return self.context_out(h)
+
+    def expression(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Expression vectors p ∈ R^{N×E×R} (or the learned u_e broadcast, for no_expression)."""
+        n, e, r = x.shape[0], self.num_experts, self.router_dim
+        if self.config.expression == "learned":
+            return self.expert_vectors.unsqueeze(0).expand(n, e, r)
+        p = self.projector(x).view(n, e, r)
+        if self.ctx.expression_override == "batch_mean":  # post-hoc expression ablation (§5)
+            p = masked_mean(p, mask).unsqueeze(0).expand(n, e, r)
+        return p
+
+    def gram(self, p_hat: torch.Tensor, mask: torch.Tensor | None, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(G, Ē): batch Ē in training, its EMA at inference (identity G before any training step)."""
+        e = self.num_experts
+        if self.training:
+            ebar = F.normalize(masked_mean(p_hat, mask), dim=-1)
+            return ebar @ ebar.t(), ebar
+        slot = min(layer, self.ebar_ema.shape[0] - 1)
+        if bool(self.ebar_ready[slot]):
+            ebar = self.ebar_ema[slot].to(p_hat.dtype)
+            return ebar @ ebar.t(), ebar
+        return torch.eye(e, device=p_hat.device, dtype=p_hat.dtype), None
+
+    def cost(self, s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """OSR cost C = −S + λ·(|S| @ (G ⊙ (1 − I))^{∘2}) [+ β·ReLU(|S| − τ)²]."""
+        cfg = self.config
+        eye = torch.eye(g.shape[0], device=g.device, dtype=g.dtype)
+        c = -s
+        if cfg.repulsion_weight:
+            c = c + cfg.repulsion_weight * (s.abs() @ (g * (1 - eye)).pow(2))
+        if cfg.hinge_weight:
+            c = c + cfg.hinge_weight * F.relu(s.abs() - cfg.hinge_threshold).pow(2)
+        return c
+
+    # ------------------------------------------------------------------ forward
+    def route(self, x: torch.Tensor, call: RoutingCall) -> RouterOutput:
+        cfg, k = self.config, self.top_k
+        dtype = self.context_out.weight.dtype
+        x = x.to(dtype)  # routing in the router's precision (fp32), whatever the activations
+        mask = call.mask
+        r = self._context(x, call).view(x.shape[0], self.num_experts, self.router_dim)
+        p = self.expression(x, mask)
+        p_hat = F.normalize(p, dim=-1)
+        s = (F.normalize(r, dim=-1) * p_hat).sum(-1)  # [N, E] cosine similarity
+        g, ebar = self.gram(p_hat, mask, call.layer_idx)
+        c = self.cost(s, g)
+        logits = -c / cfg.sinkhorn_epsilon
+        log_soft = logits.log_softmax(-1)
+
+        stats: dict[str, torch.Tensor] = {}
+        losses: dict[str, torch.Tensor] = {}
+        if self.training and cfg.use_sinkhorn:
+            sk = log_sinkhorn(c, cfg.sinkhorn_epsilon, cfg.sinkhorn_iters, mask)
+            valid = mask[:, None] if mask is not None else torch.ones_like(logits[:, :1], dtype=torch.bool)
+            log_q = torch.where(valid, sk.log_plan.log_softmax(-1), log_soft)  # row-normalised log Q
+            stats.update(sinkhorn_row_error=sk.row_error, sinkhorn_col_error=sk.col_error)
+        else:
+            log_q = log_soft
+        select = log_q
+        topk_index = select.topk(k, dim=-1).indices  # [N, k]
+        weight_source = log_q if cfg.weights_from == "sinkhorn" else log_soft
+        weight = weight_source.gather(-1, topk_index).softmax(-1)  # selected values renormalised to 1
+        probs = log_q.exp()
+
+        if self.training:
+            scale = self.loss_scale()
+            if cfg.entropy_loss_coef:
+                entropy = -(probs * log_q.clamp_min(-1e4)).sum(-1)
+                losses["entropy"] = scale * cfg.entropy_loss_coef * masked_mean(entropy, mask)
+            if cfg.ortho_loss_coef:
+                eye = torch.eye(g.shape[0], device=g.device, dtype=g.dtype)
+                losses["ortho"] = scale * cfg.ortho_loss_coef * (g - eye).pow(2).sum()
+            eval_index = log_soft.topk(k, dim=-1).indices
+            agree = (topk_index.unsqueeze(-1) == eval_index.unsqueeze(-2)).any(-1).float().mean(-1)
+            stats["train_eval_agreement"] = masked_mean(agree, mask)
+
+        n = x.shape[0]
+        token_index = torch.arange(n, device=x.device).repeat(k)  # slot-major: first choices first
+        expert_index = topk_index.t().reshape(-1)
+        eye = torch.eye(g.shape[0], device=g.device, dtype=g.dtype)
+        stats.update(to_stats(gram_residual=torch.linalg.matrix_norm(g - eye), mean_similarity=masked_mean(s, mask).mean()))
+        state_update = {}
+        if self.training and ebar is not None:
+            state_update["ebar"] = ebar.detach()
+            state_update["layer"] = torch.tensor(call.layer_idx)
+        state_update["counts"] = load_counts(expert_index, self.num_experts, token_index, mask)
+        return RouterOutput(token_index, expert_index, weight.reshape(n, k).t().reshape(-1), probs, topk_index,
+                            losses, stats, state_update)
+
+    def _update_extra_state(self, records: list[dict[str, torch.Tensor]], counts: torch.Tensor) -> None:
+        decay = self.config.ema_decay
+        by_layer: dict[int, list[torch.Tensor]] = {}
+        for rec in records:
+            if "ebar" in rec:
+                by_layer.setdefault(min(int(rec["layer"]), self.ebar_ema.shape[0] - 1), []).append(rec["ebar"])
+        for layer, ebars in by_layer.items():
+            new = torch.stack(ebars).mean(0).to(self.ebar_ema.dtype)
+            if bool(self.ebar_ready[layer]):
+                new = decay * self.ebar_ema[layer] + (1 - decay) * new
+            self.ebar_ema[layer] = F.normalize(new, dim=-1)
+            self.ebar_ready[layer] = True
+
+    def projector_weight(self) -> torch.Tensor | None:
+        return None if self.config.expression == "learned" else self.projector.weight

@@ -1,0 +1,69 @@
+"""Log-domain Sinkhorn with row/column marginals and a padding mask (method page §1.6).
+
+The transport plan is ``P ∝ exp(−C/ε)``: *low cost = high mass* (every log-domain version of the
+original code had the sign reversed). Target marginals: each valid token's row sums to 1, each
+expert's column sums to N/E with N the number of non-padding tokens. Padding rows get zero mass and
+do not count in N. Gradients flow through all iterations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+class SinkhornResult(NamedTuple):
+    plan: torch.Tensor  #: [N, E] transport plan P (padding rows are 0)
+    log_plan: torch.Tensor  #: [N, E] log P (padding rows are -inf)
+    row_error: torch.Tensor  #: max_n |Σ_e P[n,e] − 1| over valid rows (detached)
+    col_error: torch.Tensor  #: max_e |Σ_n P[n,e] − N/E| / (N/E) (detached, relative)
+
+
+def log_sinkhorn(
+    cost: torch.Tensor,
+    epsilon: float,
+    iters: int,
+    mask: torch.Tensor | None = None,
+) -> SinkhornResult:
+    """Balanced entropic transport of N tokens onto E experts.
+
+    Args:
+        cost: [N, E] cost C (any float dtype; computed in float32).
+        epsilon: temperature ε > 0.
+        iters: number of (row, column) scaling rounds; error falls as it grows.
+        mask: [N] bool, True for real tokens (None = all real).
+
+    Each round updates the dual potentials (f, g) of
+    ``log P = −C/ε + f 1ᵀ + 1 gᵀ``:  ``f = −LSE_e(−C/ε + g)`` (rows → 1), then
+    ``g = log(N/E) − LSE_n(−C/ε + f)`` (columns → N/E).
+    """
+    if cost.dim() != 2:
+        raise ValueError(f"log_sinkhorn expects a [tokens, experts] cost, got shape {tuple(cost.shape)}")
+    if not epsilon > 0:
+        raise ValueError(f"sinkhorn epsilon must be > 0, got {epsilon}")
+    n, e = cost.shape
+    logits = -cost.float() / epsilon
+    if mask is None:
+        mask = torch.ones(n, dtype=torch.bool, device=cost.device)
+    valid = mask.bool()
+    n_valid = int(valid.sum())
+    neg_inf = torch.tensor(float("-inf"), device=cost.device)
+    if n_valid == 0:
+        zeros = torch.zeros_like(logits)
+        return SinkhornResult(zeros, zeros + neg_inf, zeros.new_zeros(()), zeros.new_zeros(()))
+
+    log_col = math.log(n_valid / e)
+    g = logits.new_zeros(1, e)
+    f = logits.new_zeros(n, 1)
+    for _ in range(iters):
+        f = -torch.logsumexp(logits + g, dim=1, keepdim=True)
+        f = torch.where(valid[:, None], f, neg_inf)  # padding rows carry no mass
+        g = log_col - torch.logsumexp(logits + f, dim=0, keepdim=True)
+    log_plan = logits + f + g
+    plan = log_plan.exp()
+    with torch.no_grad():
+        row_error = (plan[valid].sum(1) - 1).abs().max()
+        col_error = ((plan.sum(0) - n_valid / e).abs() / (n_valid / e)).max()
+    return SinkhornResult(plan, log_plan, row_error, col_error)
