@@ -130,7 +130,7 @@ class MoEConfig:
                 raise ConfigError(f"MoEConfig.{name}={value!r} is not supported; allowed values: {', '.join(allowed)}.")
         if not isinstance(self.num_experts, int) or self.num_experts < 2:
             raise ConfigError(
-                f"MoEConfig.num_experts={self.num_experts!r}: a mixture needs at least 2 experts (an integer >= 2)."
+                f"MoEConfig.num_experts={self.num_experts!r}: must be an integer >= 2 (a mixture needs at least 2 experts)."
             )
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ConfigError(f"MoEConfig.top_k={self.top_k!r}: must be an integer >= 1.")
