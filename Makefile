@@ -10,6 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND := Agg
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup venv tex test test-fast paper tiny clean-venv
 
@@ -34,12 +35,10 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
 paper: setup
-	$(PY) -m spectra.pipeline.profile default
-	$(VENV)/bin/dvc repro
+	dvc repro
 
 tiny: setup
-	$(PY) -m spectra.pipeline.profile tiny
-	$(VENV)/bin/dvc repro
+	dvc repro --set-param profile=tiny 2>/dev/null || (sed -i 's/^profile: .*/profile: tiny/' params.yaml && dvc repro)
 
 clean-venv:
 	rm -rf $(VENV)

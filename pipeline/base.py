@@ -1,0 +1,76 @@
+"""DVC stage `base`: the dense base model of the active profile, and its per-domain perplexity
+against a unigram baseline.
+
+scratch  a GPT-2-architecture model (`GPT2LMHeadModel`) pretrained from scratch on the corpus
+smollm2  the real pretrained SmolLM2-135M from the pinned offline package
+hub      real weights from the Hugging Face Hub (e.g. `gpt2`), for users with internet
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+
+from common import fingerprint, load_params, paths, profile, write_json
+from spectra import evaluate
+from spectra.train import TrainSettings, train
+
+
+def eval_subset(blocks: np.ndarray, domains: np.ndarray, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic domain-stratified subset: the first ⌈max/D⌉ blocks of each domain."""
+    per = -(-max_blocks // max(1, len(np.unique(domains))))
+    idx = np.concatenate([np.flatnonzero(domains == d)[:per] for d in np.unique(domains)])
+    return blocks[idx], domains[idx]
+
+
+def build_base(params: dict, meta: dict):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    prof = profile(params)
+    base = prof["base"]
+    if base["source"] == "scratch":
+        cfg = GPT2Config(vocab_size=meta["vocab_size"], n_positions=meta["block_size"], n_embd=base["n_embd"],
+                         n_layer=base["n_layer"], n_head=base["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
+                         attn_pdrop=0.0, bos_token_id=meta["eos_id"], eos_token_id=meta["eos_id"])
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(cfg), True
+    if base["source"] == "smollm2":
+        from spectra import resources
+        return AutoModelForCausalLM.from_pretrained(resources.smollm2_dir(), dtype=torch.float32), False
+    if base["source"] == "hub":
+        try:
+            return AutoModelForCausalLM.from_pretrained(base["hub_id"], dtype=torch.float32), False
+        except OSError as exc:
+            raise SystemExit(f"profile {params['profile']!r} loads {base['hub_id']!r} from the Hugging Face Hub, which "
+                             f"needs internet (unset HF_HUB_OFFLINE): {exc}") from None
+    raise SystemExit(f"params.yaml: profiles.{params['profile']}.base.source={base['source']!r}; allowed: scratch, smollm2, hub.")
+
+
+def main() -> None:
+    params = load_params()
+    prof, p = profile(params), paths(params)
+    meta = json.loads((p["tokens"] / "meta.json").read_text())
+    train_blocks = np.load(p["tokens"] / "train_tokens.npy")
+    out_dir = p["runs"] / "base"
+    model, trainable = build_base(params, meta)
+    summary: dict = {"source": prof["base"]["source"], "parameters": sum(x.numel() for x in model.parameters())}
+    if trainable:
+        settings = TrainSettings(**prof["base"]["train"], seed=0)
+        t0 = time.perf_counter()
+        summary.update(train(model, train_blocks, settings, out_dir / "state", fingerprint=fingerprint(prof["base"], meta["vocab_size"])))
+        summary["wall_seconds"] = time.perf_counter() - t0
+    model.save_pretrained(out_dir / "model")
+    val, val_dom = eval_subset(np.load(p["tokens"] / "validation_tokens.npy"),
+                               np.load(p["tokens"] / "validation_domains.npy"), prof["eval"]["max_blocks"])
+    summary["validation"] = evaluate.perplexity(model, val, val_dom, meta["domains"])
+    summary["unigram"] = evaluate.unigram_perplexity(train_blocks, val, val_dom, meta["domains"], meta["vocab_size"])
+    summary["train_tokens_available"] = int(train_blocks.size)
+    write_json(out_dir / "metrics.json", summary)
+    print(json.dumps({"val_ppl": summary["validation"]["ppl"], "unigram_ppl": summary["unigram"]["ppl"]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""DVC notebook stages: execute notebooks/<name>.ipynb with papermill for the active profile.
+
+The stripped notebook in git is the stage's dependency; the executed copy
+(notebooks/executed/<profile>/<name>.ipynb) and everything the notebook writes under
+results/<profile>/<name>/ are its outputs. Both are produced in temporary locations and moved
+into place only when the whole notebook succeeded, so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import papermill
+
+from common import ROOT, load_params, paths
+
+
+def main(name: str) -> None:
+    params = load_params()
+    p = paths(params)
+    source = ROOT / "notebooks" / f"{name}.ipynb"
+    if not source.exists():
+        raise SystemExit(f"no notebook {source}")
+    executed = ROOT / "notebooks" / "executed" / params["profile"] / f"{name}.ipynb"
+    results = p["results"] / name
+    tmp_results = results.with_name(results.name + ".tmp")
+    tmp_executed = executed.with_name(executed.stem + ".tmp.ipynb")
+    shutil.rmtree(tmp_results, ignore_errors=True)
+    tmp_results.mkdir(parents=True)
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(
+        str(source), str(tmp_executed), kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=True,
+        parameters={"profile": params["profile"], "root": str(ROOT), "results_dir": str(tmp_results),
+                    "final_results_dir": str(results)},
+    )
+    shutil.rmtree(results, ignore_errors=True)
+    os.replace(tmp_results, results)
+    os.replace(tmp_executed, executed)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
