@@ -61,7 +61,10 @@ def main() -> None:
         settings = TrainSettings(**prof["base"]["train"], seed=0)
         t0 = time.perf_counter()
         summary.update(train(model, train_blocks, settings, out_dir / "state", fingerprint=fingerprint(prof["base"], meta["vocab_size"])))
-        summary["wall_seconds"] = time.perf_counter() - t0
+        timing = {**summary.pop("timing"), "wall_seconds_train": time.perf_counter() - t0}
+        write_json(out_dir / "timing.json", timing)  # measurements; metrics.json stays deterministic
+    else:
+        write_json(out_dir / "timing.json", {})
     model.save_pretrained(out_dir / "model")
     val, val_dom = eval_subset(np.load(p["tokens"] / "validation_tokens.npy"),
                                np.load(p["tokens"] / "validation_domains.npy"), prof["eval"]["max_blocks"])

@@ -33,6 +33,11 @@ def main(key: str) -> None:
     record = {"run": key, "variant": variant, "seed": seed, "profile": params["profile"]}
     if not run_enabled(params, variant):
         write_json(out_dir / "metrics.json", {**record, "status": "not run in this profile"})
+        write_json(out_dir / "timing.json", {})
+        for name in ("log.jsonl",):
+            (out_dir / name).write_text("")
+        np.savez_compressed(out_dir / "routing.npz", top1=np.zeros((0, 0), np.int16))
+        (out_dir / "model").mkdir(exist_ok=True)
         return
 
     from transformers import AutoModelForCausalLM
@@ -52,7 +57,8 @@ def main(key: str) -> None:
     t0 = time.perf_counter()
     summary = train(model, np.load(p["tokens"] / "train_tokens.npy"), settings, out_dir / "state", fingerprint=fp)
     (out_dir / "log.jsonl").write_text((out_dir / "state" / "log.jsonl").read_text())
-    record.update(status="trained", train=summary, wall_seconds=time.perf_counter() - t0,
+    timing = {**summary.pop("timing"), "wall_seconds_train": time.perf_counter() - t0}
+    record.update(status="trained", train=summary,
                   moe_config=cfg.to_dict() if cfg else None,
                   parameters=sum(x.numel() for x in model.parameters()))
 
@@ -80,6 +86,8 @@ def main(key: str) -> None:
                         block_domains=rd.astype(np.int16), block_size=meta["block_size"])
     tmp.replace(out_dir / "routing.npz")
     model.save_pretrained(out_dir / "model")
+    timing["wall_seconds_total"] = time.perf_counter() - t0
+    write_json(out_dir / "timing.json", timing)  # measurements vary run to run; metrics.json does not
     write_json(out_dir / "metrics.json", record)
     print(json.dumps({"run": key, "val_ppl": record["validation"]["ppl"], "test_ppl": record["test"]["ppl"]}))
 

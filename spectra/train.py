@@ -139,9 +139,13 @@ def routing_log(outputs: Any) -> dict[str, Any]:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -233,7 +237,7 @@ def train(
             if rl is not None:
                 router_sum += float(rl.detach()) / settings.grad_accum
                 for k, v in (getattr(outputs, "router_losses", None) or {}).items():
-                    router_parts[k] = router_parts.get(k, 0.0) + float(v) / settings.grad_accum
+                    router_parts[k] = router_parts.get(k, 0.0) + float(v.detach()) / settings.grad_accum
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"{run_dir.name}: loss became {loss_sum} at step {step}; lower the learning rate.")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -262,7 +266,8 @@ def train(
     done = end - start_step
     return {
         "steps": end, "completed": end == settings.steps, "tokens_seen": end * tokens_per_step,
-        "train_seconds_this_session": elapsed,
-        "tokens_per_second": done * tokens_per_step / elapsed if elapsed > 0 and done else float("nan"),
         "settings": asdict(settings),
+        # measurements, not results: callers keep them apart from the deterministic metrics
+        "timing": {"train_seconds_this_session": elapsed, "steps_this_session": done,
+                   "tokens_per_second": done * tokens_per_step / elapsed if elapsed > 0 and done else None},
     }
