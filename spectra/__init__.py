@@ -11,3 +11,15 @@ __all__ = [
     "ABLATIONS", "BASELINES", "ROUTER_NAMES", "VARIANTS", "ConfigError", "FeedForward", "MoEBlock", "MoEConfig",
     "MoEOutput", "NonFiniteInputError", "Router", "RouterOutput", "build_router", "log_sinkhorn",
 ]
+
+from .upcycle import (  # noqa: E402
+    RoutingStateCallback, SwappedGate, UnsupportedModelError, UpcycledMLP, expression_ablation, find_decoder_layers,
+    find_mlp, load, moe_config_of, register_mlp, routed_modules, routers_of, routing_stats, save, step_routers,
+    swap_router, unregister_mlp, upcycle,
+)
+
+__all__ += [
+    "RoutingStateCallback", "SwappedGate", "UnsupportedModelError", "UpcycledMLP", "expression_ablation",
+    "find_decoder_layers", "find_mlp", "load", "moe_config_of", "register_mlp", "routed_modules", "routers_of",
+    "routing_stats", "save", "step_routers", "swap_router", "unregister_mlp", "upcycle",
+]

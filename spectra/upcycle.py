@@ -1,0 +1,871 @@
+"""Universal upcycling (dense → MoE), router swap (existing MoE → new routing), save/load, helpers.
+
+Method page §4. Everything here works on the *module tree* of a model, not on a list of model classes:
+
+* **Decoder layers** — the longest `nn.ModuleList` of same-class blocks whose first block holds an MLP
+  (for `upcycle`) or an MoE block (for `swap_router`); ties go to the shallowest path.
+* **MLP of a layer** — in order: rules added with `register_mlp` (an attribute path or a predicate), a
+  child with a known name (`MLP_ATTRIBUTE_NAMES`: mlp, feed_forward, ffn, …), then a structural match: a
+  module made only of 2–3 `Linear`/`Conv1D` (plus parameter-free activations/dropout) mapping the hidden
+  size D up to a width I (or 2I for fused gate/up projections) and back from I to D.
+* **MoE block of a layer** (swap) — a module with an `experts` submodule and a `gate` (or `router`)
+  submodule, as in transformers v5's Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE sparse blocks.
+
+`upcycle` replaces each selected MLP by an `UpcycledMLP` wrapping an `MoEBlock` whose experts are deep
+copies of the MLP, and returns what the MLP returned (a tensor). `swap_router` replaces only the gate of
+each MoE block by a `SwappedGate` that answers in the gate's own format ``(router_logits, top_k_weights,
+top_k_index)``, so the experts module (and e.g. Qwen2-MoE's shared expert) runs unchanged.
+
+Routers live once in ``model.spectra_routers`` (an `nn.ModuleList`; SPECTRA: one router shared by all
+MoE layers, baselines: one per layer) and are held by reference by the blocks, so each parameter is
+saved once. Two hooks on the top-level model connect routing to the model call:
+
+* a forward pre-hook calls ``router.ctx.begin_forward(token_ids, padding_mask, continuation)`` on every
+  router (the last T columns of the attention mask when a KV cache makes it longer; continuation when
+  the cache is not empty);
+* a forward hook adds the mean router loss over MoE layers to ``output.loss`` when ``labels`` are
+  given, and exposes ``output.router_loss``, ``output.router_losses`` (name → mean over layers) and
+  ``output.routing_stats`` (MoE layer name → statistics).
+
+Running statistics (load EMA, SPECTRA's Ē EMA, aux-free bias) are updated by `step_routers(model)`,
+to be called once after each optimizer step (`RoutingStateCallback` does it inside HF `Trainer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .config import VARIANTS, ConfigError, MoEConfig
+from .moe import MoEBlock, _normalised_entropy
+from .routers import Router, RoutingCall, build_router, capacity_keep
+from .routers.base import masked_mean
+
+try:  # GPT-2 style Conv1D (weight stored [in, out])
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None  # type: ignore[assignment,misc]
+
+#: Attribute names tried (in order) for the MLP of a decoder layer, before the structural match.
+MLP_ATTRIBUTE_NAMES = ("mlp", "feed_forward", "ffn", "ffw", "ff", "feedforward", "mlp_block", "ff_layer", "fc")
+#: Attribute names of the gate of an existing MoE block (swap_router).
+GATE_ATTRIBUTE_NAMES = ("gate", "router")
+#: File written by `save` (and by ``model.save_pretrained`` on a converted model).
+WEIGHTS_NAME = "model.safetensors"
+#: Key of the SPECTRA settings in the Hugging Face config (``model.config.spectra_moe``).
+CONFIG_KEY = "spectra_moe"
+
+#: Keys the forward hook adds to the model output.
+OUTPUT_KEYS = ("router_loss", "router_losses", "routing_stats")
+
+_MLP_RULES: list[str | Callable[[str, nn.Module], bool]] = []
+
+
+class UnsupportedModelError(ValueError):
+    """The model's decoder layers or MLPs could not be found; the message says what was searched."""
+
+
+# ---------------------------------------------------------------------------------------------- extension hook
+def register_mlp(rule: str | Callable[[str, nn.Module], bool]) -> str | Callable[[str, nn.Module], bool]:
+    """Teach the upcycler an unusual MLP.
+
+    ``rule`` is either an attribute path relative to a decoder layer (``"mixer"``, ``"block.ffn"``) or
+    a predicate ``rule(path, module) -> bool`` called on every submodule of a decoder layer (path
+    relative to the layer, shallowest first); the first match is the MLP. Registered rules are tried
+    before the built-in ones, the most recent first. The module must map a tensor ``[..., D]`` to a
+    tensor ``[..., D]`` (token-wise). Returns ``rule`` (pass it to `unregister_mlp` to remove it).
+    """
+    if not (isinstance(rule, str) or callable(rule)):
+        raise TypeError("register_mlp expects an attribute path (str) or a predicate (path, module) -> bool.")
+    _MLP_RULES.insert(0, rule)
+    return rule
+
+
+def unregister_mlp(rule: str | Callable[[str, nn.Module], bool]) -> None:
+    """Remove a rule added with `register_mlp` (no error if absent)."""
+    while rule in _MLP_RULES:
+        _MLP_RULES.remove(rule)
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]  # Conv1D: [in, out]
+
+
+def looks_like_mlp(module: nn.Module, hidden_size: int | None) -> bool:
+    """Structural MLP test: 2–3 Linear/Conv1D children (plus parameter-free ones) D → I (or 2I) → D."""
+    children = list(module.children())
+    linears = [c for c in children if _is_linear(c)]
+    if not 2 <= len(linears) <= 3:
+        return False
+    if any(any(True for _ in c.parameters()) for c in children if not _is_linear(c)):
+        return False
+    if "attn" in type(module).__name__.lower() or "attention" in type(module).__name__.lower():
+        return False
+    shapes = [_in_out(c) for c in linears]
+    if hidden_size is None:  # D unknown: any width that is both an input and an output
+        widths = {i for i, _ in shapes} & {o for _, o in shapes}
+        return any(_mlp_shapes(shapes, d) for d in widths)
+    return _mlp_shapes(shapes, hidden_size)
+
+
+def _mlp_shapes(shapes: list[tuple[int, int]], d: int) -> bool:
+    ups = [(i, o) for i, o in shapes if i == d and o != d]
+    downs = [(i, o) for i, o in shapes if o == d and i != d]
+    if len(downs) != 1 or not ups or len(ups) + len(downs) != len(shapes):
+        return False
+    width = downs[0][0]
+    return all(o in (width, 2 * width) for _, o in ups)
+
+
+def is_moe_block(module: nn.Module) -> bool:
+    """An existing sparse MoE block: an ``experts`` submodule and a ``gate``/``router`` submodule."""
+    if isinstance(module, (UpcycledMLP, MoEBlock)):
+        return True
+    experts = getattr(module, "experts", None)
+    if not isinstance(experts, nn.Module):
+        return False
+    return any(isinstance(getattr(module, g, None), (nn.Module, SwappedGate)) for g in GATE_ATTRIBUTE_NAMES)
+
+
+def _get_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _set_path(root: nn.Module, path: str, value: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = _get_path(root, parent_path) if parent_path else root
+    setattr(parent, name, value)
+
+
+def _model_hidden_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("hidden_size", "n_embd", "d_model", "dim"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def find_mlp(layer: nn.Module, hidden_size: int | None = None) -> tuple[str, nn.Module] | None:
+    """``(path relative to the layer, module)`` of the layer's MLP (or existing MoE block), or None."""
+    for rule in _MLP_RULES:
+        if isinstance(rule, str):
+            module = _get_path(layer, rule)
+            if isinstance(module, nn.Module):
+                return rule, module
+        else:
+            for path, module in _shallow_first(layer):
+                if rule(path, module):
+                    return path, module
+    for name in MLP_ATTRIBUTE_NAMES:
+        module = getattr(layer, name, None)
+        if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
+            return name, module
+    for path, module in _shallow_first(layer):
+        lowered = path.lower()
+        if "attn" in lowered or "attention" in lowered:
+            continue
+        if is_moe_block(module) or looks_like_mlp(module, hidden_size):
+            return path, module
+    return None
+
+
+def find_moe_block(layer: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(path, module)`` of an existing sparse MoE block inside a decoder layer, or None."""
+    for path, module in _shallow_first(layer):
+        if is_moe_block(module):
+            return path, module
+    return None
+
+
+def _shallow_first(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    found = [(p, m) for p, m in root.named_modules() if p]
+    return sorted(found, key=lambda pm: pm[0].count("."))  # stable: module order within a depth
+
+
+def find_decoder_layers(model: nn.Module, kind: str = "mlp", hidden_size: int | None = None) -> tuple[str, nn.ModuleList]:
+    """``(path, ModuleList)`` of the model's decoder layers: the longest `nn.ModuleList` of same-class
+    blocks whose first block has an MLP (``kind="mlp"``) or some block has an MoE block (``kind="moe"``)."""
+    hidden = _model_hidden_size(model) or hidden_size
+    best: tuple[int, int, str, nn.ModuleList] | None = None
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if "spectra_routers" in path.split(".") or ".experts" in f".{path}":
+            continue
+        if len({type(m) for m in module}) != 1 or _is_linear(module[0]):
+            continue
+        if kind == "moe":  # some layers may stay dense (Qwen2-MoE mlp_only_layers / decoder_sparse_step)
+            if not any(find_moe_block(layer) is not None for layer in module):
+                continue
+        elif find_mlp(module[0], hidden) is None:
+            continue
+        key = (len(module), -path.count("."))
+        if best is None or key > best[:2]:
+            best = (*key, path, module)
+    if best is None:
+        raise UnsupportedModelError(_unsupported_message(model, kind))
+    return best[2], best[3]
+
+
+def _unsupported_message(model: nn.Module, kind: str, detail: str = "") -> str:
+    name = type(model).__name__
+    if kind == "moe":
+        return (
+            f"spectra.swap_router: no sparse MoE block found in {name}{detail}. Searched for an nn.ModuleList of "
+            "same-class decoder layers containing a module with an `experts` submodule and a `gate`/`router` "
+            "submodule (transformers v5 Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE style). For a dense model use "
+            "spectra.upcycle instead.")
+    return (
+        f"spectra.upcycle: could not find the decoder layers' MLPs in {name}{detail}. Searched for an nn.ModuleList "
+        f"of same-class decoder layers whose blocks contain an MLP: a child named one of {', '.join(MLP_ATTRIBUTE_NAMES)}, "
+        "or a module made only of 2-3 Linear/Conv1D layers mapping the hidden size D -> I (or 2I) -> D. "
+        "Register your MLP with spectra.register_mlp('attribute.path') or "
+        "spectra.register_mlp(lambda path, module: ...) and call upcycle again.")
+
+
+def _select_layers(num_layers: int, layers: str | Sequence[int] | None, every_n: int | None) -> list[int]:
+    if every_n is not None:
+        if layers not in (None, "all"):
+            raise ValueError("pass either layers=[...] or every_n=..., not both.")
+        if not isinstance(every_n, int) or every_n < 1:
+            raise ValueError(f"every_n={every_n!r}: must be a positive integer.")
+        # HF convention (decoder_sparse_step): layer i is MoE iff (i + 1) % every_n == 0
+        return [i for i in range(num_layers) if (i + 1) % every_n == 0]
+    if layers is None or layers == "all":
+        return list(range(num_layers))
+    if isinstance(layers, str):
+        raise ValueError(f"layers={layers!r}: use 'all', a list of layer indices, or every_n=.")
+    chosen = set()
+    for i in layers:
+        j = int(i) + num_layers if int(i) < 0 else int(i)
+        if not 0 <= j < num_layers:
+            raise ValueError(f"layer index {i} is out of range for a model with {num_layers} decoder layers.")
+        chosen.add(j)
+    if not chosen:
+        raise ValueError("layers=[]: select at least one layer to convert.")
+    return sorted(chosen)
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class _Routed(nn.Module):
+    """Common part of `UpcycledMLP` and `SwappedGate`: a shared router held by reference."""
+
+    layer_idx: int
+    moe_name: str
+
+    @property
+    def router(self) -> Router:
+        raise NotImplementedError
+
+    def _remember(self, losses: dict[str, torch.Tensor]) -> None:
+        # per-name losses of this call, for output.router_losses (stale entries are ignored by forward id)
+        self.__dict__["_last_losses"] = (self.router.ctx.forward_id, losses)
+
+    def last_losses(self) -> dict[str, torch.Tensor]:
+        fid, losses = self.__dict__.get("_last_losses", (None, {}))
+        return losses if fid == self.router.ctx.forward_id else {}
+
+
+class UpcycledMLP(_Routed):
+    """Drop-in replacement of a dense MLP: an `MoEBlock` whose experts are copies of the MLP.
+    ``forward(hidden_states)`` returns a tensor of the input's shape, like the MLP it replaces."""
+
+    def __init__(self, moe: MoEBlock) -> None:
+        super().__init__()
+        self.moe = moe
+        self.layer_idx = moe.layer_idx
+        self.moe_name = moe.name
+
+    @property
+    def router(self) -> Router:
+        return self.moe.router
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs:
+            raise TypeError(
+                f"{self.moe_name}: the replaced MLP was called with extra arguments ({len(args)} positional, "
+                f"{sorted(kwargs)}); UpcycledMLP only supports MLPs called as mlp(hidden_states).")
+        out = self.moe(hidden_states)
+        self._remember(out.losses)
+        return out.hidden_states
+
+
+class SwappedGate(_Routed):
+    """Replaces the gate of an existing HF MoE block. Returns ``(router_logits [N, E], top_k_weights
+    [N, k], top_k_index [N, k])`` like transformers v5's ``*TopKRouter``; the block's experts module
+    and shared expert are untouched. Assignments dropped by a capacity (or the variable number per
+    token of expert choice) are padded with expert 0 at weight 0."""
+
+    def __init__(self, router: Router, config: MoEConfig, layer_idx: int, name: str) -> None:
+        super().__init__()
+        self.__dict__["_shared_router"] = router  # by reference: saved once in model.spectra_routers
+        self.config = config
+        self.layer_idx = layer_idx
+        self.moe_name = name
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k
+
+    @property
+    def router(self) -> Router:
+        return self.__dict__["_shared_router"]
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg, router = self.config, self.router
+        x = hidden_states.reshape(-1, cfg.hidden_size)
+        n = x.shape[0]
+        ctx = router.ctx
+        mask = _flat(ctx.padding_mask, n, torch.bool)
+        ids = _flat(ctx.token_ids, n, torch.long)
+        ref = ctx.token_ids if ids is not None else (ctx.padding_mask if mask is not None else None)
+        batch_shape = tuple(ref.shape[-2:]) if ref is not None and ref.dim() == 2 else (1, n)
+        out = router(x, RoutingCall(self.layer_idx, mask, ids, batch_shape, ctx.continuation))
+        tok, exp, w = out.token_index, out.expert_index, out.weight
+        keep = mask[tok] if mask is not None else None
+        pad_keep = keep
+        if cfg.capacity_factor is not None and router.block_capacity and (self.training or cfg.capacity_in_eval):
+            n_real = int(mask.sum()) if mask is not None else n
+            capacity = math.ceil(cfg.capacity_factor * n_real * cfg.top_k / cfg.num_experts)
+            cap_keep = capacity_keep(exp if keep is None else exp.masked_fill(~keep, 0), capacity, cfg.num_experts,
+                                     priority=None if keep is None else keep.float())
+            keep = cap_keep if keep is None else (keep & cap_keep)
+        real_assigned = int(pad_keep.sum()) if pad_keep is not None else exp.numel()
+        if keep is not None:
+            tok, exp, w = tok[keep], exp[keep], w[keep]
+        index, weight = _flat_to_topk(tok, exp, w, n, cfg.top_k)
+
+        losses = out.losses
+        router_loss = torch.stack(list(losses.values())).sum() if losses else x.new_zeros((), dtype=torch.float32)
+        counts = torch.bincount(exp, minlength=cfg.num_experts).float()
+        stats = {
+            "tokens_per_expert": counts,
+            "num_tokens": torch.tensor(float(mask.sum()) if mask is not None else float(n)),
+            "dropped_fraction": torch.tensor(1.0 - exp.numel() / max(1, real_assigned)),
+            "router_probs_mean": masked_mean(out.probs.detach().float(), mask),
+            "routing_entropy": _normalised_entropy(out.probs.detach(), mask),
+            **out.stats,
+        }
+        if out.topk_index is not None:
+            stats["topk"] = out.topk_index.detach()
+        update = dict(out.state_update)
+        update["counts"] = counts.detach()
+        ctx.record(self.layer_idx, router_loss, stats, update, self.training and torch.is_grad_enabled())
+        self._remember(losses)
+        logits = out.probs.clamp_min(1e-9).log().to(hidden_states.dtype)
+        return logits, weight.to(hidden_states.dtype), index
+
+
+def _flat(t: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor | None:
+    if t is None or t.numel() != n:
+        return None
+    return t.reshape(-1).to(dtype)
+
+
+def _flat_to_topk(tok: torch.Tensor, exp: torch.Tensor, w: torch.Tensor, n: int,
+                  min_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat assignments → ``[N, k]`` (index, weight); missing slots: expert 0 with weight 0."""
+    order = torch.argsort(tok, stable=True)
+    tok_s = tok[order]
+    per_token = torch.bincount(tok_s, minlength=n)
+    k = max(min_k, int(per_token.max())) if tok.numel() else min_k
+    slot = torch.arange(tok_s.numel(), device=tok.device) - (torch.cumsum(per_token, 0) - per_token)[tok_s]
+    index = torch.zeros(n, k, dtype=torch.long, device=tok.device).index_put((tok_s, slot), exp[order])
+    weight = w.new_zeros(n, k).index_put((tok_s, slot), w[order])
+    return index, weight
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    if not args:
+        return kwargs
+    sig = _SIGNATURES.get(type(module))
+    if sig is None:
+        sig = _SIGNATURES[type(module)] = inspect.signature(module.forward)
+    try:
+        bound = sig.bind_partial(*args, **kwargs)
+    except TypeError:
+        return {"input_ids": args[0], **kwargs}
+    extra = bound.arguments.pop("kwargs", None)
+    return {**bound.arguments, **(extra or {})}
+
+
+def _past_length(past: Any, cache_position: Any) -> int:
+    if past is not None:
+        if hasattr(past, "get_seq_length"):
+            return int(past.get_seq_length())
+        try:  # legacy tuple of (key, value) per layer
+            return int(past[0][0].shape[-2])
+        except (TypeError, IndexError, AttributeError):
+            pass
+    if torch.is_tensor(cache_position) and cache_position.numel():
+        return int(cache_position.reshape(-1)[0])
+    return 0
+
+
+def _begin_forward_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    routers = routers_of(module)
+    if not routers:
+        return None
+    bound = _bind(module, args, kwargs)
+    ids = bound.get("input_ids")
+    ids = ids if torch.is_tensor(ids) else None
+    embeds = bound.get("inputs_embeds")
+    length = ids.shape[-1] if ids is not None else None
+    if length is None and torch.is_tensor(embeds) and embeds.dim() == 3:
+        length = embeds.shape[1]
+    mask = bound.get("attention_mask")
+    if torch.is_tensor(mask) and mask.dim() == 2 and length is not None and mask.shape[-1] >= length:
+        mask = mask[:, mask.shape[-1] - length:].bool()
+    else:
+        mask = None
+    continuation = _past_length(bound.get("past_key_values"), bound.get("cache_position")) > 0
+    for router in routers:
+        router.ctx.begin_forward(ids, mask, continuation)
+    return None
+
+
+def _finish_forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    blocks = routed_modules(module)
+    if not blocks:
+        return output
+    per_layer = [b.router.ctx.losses[b.layer_idx] for b in blocks if b.layer_idx in b.router.ctx.losses]
+    if not per_layer:
+        return output
+    router_loss = torch.stack([loss.float() for loss in per_layer]).mean()
+    labels = _bind(module, args, kwargs).get("labels")
+    if isinstance(output, tuple):  # return_dict=False: only the loss can change
+        if labels is not None and torch.is_tensor(output[0]) and output[0].dim() == 0:
+            output = (output[0] + router_loss.to(output[0].dtype),) + output[1:]
+        return output
+    if not isinstance(output, dict):
+        return output
+    if labels is not None and output.get("loss") is not None:
+        output["loss"] = output["loss"] + router_loss.to(output["loss"].dtype)
+    named: dict[str, list[torch.Tensor]] = {}
+    for b in blocks:
+        for name, value in b.last_losses().items():
+            named.setdefault(name, []).append(value)
+    output["router_loss"] = router_loss
+    output["router_losses"] = {k: torch.stack(v).mean() for k, v in named.items()}
+    output["routing_stats"] = routing_stats(module)
+    return output
+
+
+def _install(model: nn.Module, routers: nn.ModuleList, blocks: list[_Routed], settings: dict[str, Any]) -> None:
+    model.add_module("spectra_routers", routers)
+    model.__dict__["_spectra_blocks"] = blocks
+    model.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True)
+    model.register_forward_hook(_finish_forward_hook, with_kwargs=True)
+    config = getattr(model, "config", None)
+    if config is not None:
+        setattr(config, CONFIG_KEY, settings)
+        # HF Trainer: keep the routing extras out of the gathered predictions
+        ignored = list(getattr(config, "keys_to_ignore_at_inference", None) or [])
+        config.keys_to_ignore_at_inference = ignored + [k for k in OUTPUT_KEYS if k not in ignored]
+    else:
+        model.__dict__[CONFIG_KEY] = settings
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = _SavePretrained(model)  # raw state dict + config (see `save`)
+
+
+class _SavePretrained:
+    """``model.save_pretrained(path, ...)`` on a converted model: `spectra.save` (HF's own method
+    would rewrite MoE weights into legacy layouts our modules do not have)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.__dict__["model"] = model
+
+    def __call__(self, save_directory: str | os.PathLike, state_dict: dict | None = None, **_: Any) -> None:
+        save(self.model, save_directory, state_dict=state_dict)
+
+    def __deepcopy__(self, memo: dict) -> "_SavePretrained":
+        import copy
+        return _SavePretrained(copy.deepcopy(self.model, memo))
+
+
+# ---------------------------------------------------------------------------------------------- public API
+def routers_of(model: nn.Module) -> list[Router]:
+    """The routers of a converted model (``model.spectra_routers``; also found inside a wrapper)."""
+    routers = getattr(model, "spectra_routers", None)
+    if routers is None:
+        for module in model.modules():
+            routers = module._modules.get("spectra_routers")
+            if routers is not None:
+                break
+    return list(routers) if routers is not None else []
+
+
+def routed_modules(model: nn.Module) -> list[_Routed]:
+    """The `UpcycledMLP` / `SwappedGate` modules of a converted model, in layer order."""
+    blocks = model.__dict__.get("_spectra_blocks")
+    if blocks is None:
+        blocks = [m for m in model.modules() if isinstance(m, _Routed)]
+    return blocks
+
+
+def step_routers(model: nn.Module) -> int:
+    """Apply this optimizer step's routing records (EMAs, counters, aux-free bias) once. Call once after
+    each ``optimizer.step()``. Returns the number of (micro-batch, layer) records consumed."""
+    return sum(router.step() for router in routers_of(model))
+
+
+def routing_stats(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Statistics of the last forward call, per MoE layer name."""
+    stats = {}
+    for b in routed_modules(model):
+        layer_stats = b.router.ctx.stats.get(b.layer_idx)
+        if layer_stats is not None:
+            stats[b.moe_name] = layer_stats
+    return stats
+
+
+@contextlib.contextmanager
+def expression_ablation(model: nn.Module) -> Iterator[nn.Module]:
+    """Post-hoc expression ablation (method page §5 (b)): inside the block, every SPECTRA router
+    replaces each token's expression vectors p by their batch mean."""
+    routers = [r for r in routers_of(model) if r.config.router == "spectra"]
+    if not routers:
+        raise ValueError("expression_ablation needs a model with SPECTRA routers (spectra.upcycle(..., router='spectra')).")
+    previous = [r.ctx.expression_override for r in routers]
+    for r in routers:
+        r.ctx.expression_override = "batch_mean"
+    try:
+        yield model
+    finally:
+        for r, value in zip(routers, previous):
+            r.ctx.expression_override = value
+
+
+class RoutingStateCallback(TrainerCallback):
+    """HF `Trainer` callback: `step_routers(model)` after every optimizer step."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        if model is not None:
+            step_routers(model)
+        return control
+
+
+def _make_config(router: str | MoEConfig, variant: str | None, num_experts: int | None, top_k: int | None,
+                 overrides: dict[str, Any]) -> MoEConfig:
+    sizes = {k: v for k, v in (("num_experts", num_experts), ("top_k", top_k)) if v is not None}
+    if isinstance(router, MoEConfig):
+        if variant is not None:
+            raise ValueError("pass either a MoEConfig or variant=..., not both.")
+        return router.replace(**sizes, **overrides)
+    name = variant or router
+    if not isinstance(name, str):
+        raise TypeError(f"router must be a router/variant name or a MoEConfig, got {type(router).__name__}.")
+    if name in VARIANTS:
+        return MoEConfig.from_variant(name, **sizes, **overrides)
+    raise ConfigError(f"unknown router or variant {name!r}; allowed values: {', '.join(VARIANTS)} (or pass a MoEConfig).")
+
+
+def _finalise_config(cfg: MoEConfig, hidden: int, num_layers: int) -> MoEConfig:
+    if cfg.hidden_size not in (0, hidden):
+        raise ConfigError(f"MoEConfig.hidden_size={cfg.hidden_size} does not match the model's hidden size {hidden}.")
+    return cfg.replace(hidden_size=hidden, extra={**cfg.extra, "num_layers": num_layers})
+
+
+def _build_routers(cfg: MoEConfig, count: int, like: torch.Tensor | None) -> nn.ModuleList:
+    n = 1 if cfg.router == "spectra" else count  # SPECTRA: one router shared by all MoE layers
+    routers = nn.ModuleList(build_router(cfg) for _ in range(n))
+    if like is not None:
+        routers.to(like.device)
+    return routers
+
+
+def _first_param(module: nn.Module) -> torch.Tensor | None:
+    return next(iter(module.parameters()), None)
+
+
+def _check_fresh(model: nn.Module) -> None:
+    if routers_of(model):
+        raise ValueError("this model is already converted (it has spectra_routers); start again from the original model.")
+
+
+def upcycle(model: nn.Module, router: str | MoEConfig = "spectra", num_experts: int | None = None,
+            top_k: int | None = None, layers: str | Sequence[int] = "all", every_n: int | None = None,
+            noise_std: float = 0.0, variant: str | None = None, **config_overrides: Any) -> nn.Module:
+    """Dense → MoE, in place (returns ``model``).
+
+    Args:
+        router: a router or variant name (`spectra.VARIANTS`: spectra, no_context, …, top2, hash, …)
+            or a full `MoEConfig`. ``variant=`` is an alias taking precedence over a name.
+        num_experts, top_k: E and k (None: the variant's / MoEConfig's default, 8 and 2).
+        layers: ``"all"`` or a list of decoder-layer indices; ``every_n=n`` converts the layers i with
+            (i + 1) % n == 0 (the HF ``decoder_sparse_step`` convention: 1, 3, 5, … for n = 2).
+        noise_std: relative Gaussian noise added to each expert copy (0: identical experts, so the
+            upcycled model reproduces the dense logits when the combine weights sum to 1).
+        **config_overrides: any other `MoEConfig` field (router_dim=64, sinkhorn_iters=5, …).
+    """
+    _check_fresh(model)
+    cfg = _make_config(router, variant, num_experts, top_k, config_overrides)
+    stack_path, stack = find_decoder_layers(model, "mlp", cfg.hidden_size or None)
+    selected = _select_layers(len(stack), layers, every_n)
+    _apply_upcycle(model, cfg, stack_path, stack, selected, noise_std)
+    return model
+
+
+def _apply_upcycle(model: nn.Module, cfg: MoEConfig, stack_path: str, stack: nn.ModuleList, selected: list[int],
+                   noise_std: float) -> None:
+    hidden = _model_hidden_size(model) or cfg.hidden_size or None
+    found = []
+    for i in selected:
+        hit = find_mlp(stack[i], hidden)
+        if hit is None:
+            raise UnsupportedModelError(_unsupported_message(model, "mlp", f" (decoder layer {stack_path}.{i})"))
+        path, mlp = hit
+        if is_moe_block(mlp):
+            raise ValueError(f"{stack_path}.{i}.{path} is already a sparse MoE block ({type(mlp).__name__}); "
+                             "use spectra.swap_router(model, router=...) to replace its router.")
+        found.append((i, path, mlp))
+    if hidden is None:
+        linears = [m for m in found[0][2].modules() if _is_linear(m)]
+        hidden = _in_out(linears[0])[0] if linears else None
+    if hidden is None:
+        raise UnsupportedModelError("could not determine the model's hidden size; set MoEConfig.hidden_size.")
+    cfg = _finalise_config(cfg, hidden, len(found))
+    routers = _build_routers(cfg, len(found), _first_param(found[0][2]))
+    blocks = []
+    for ordinal, (i, path, mlp) in enumerate(found):
+        name = f"{stack_path}.{i}.{path}"
+        block = MoEBlock.from_dense(mlp, cfg, noise_std=noise_std, router=routers[ordinal % len(routers)],
+                                    layer_idx=ordinal, name=name)
+        wrapper = UpcycledMLP(block)
+        wrapper.train(mlp.training)
+        _set_path(stack[i], path, wrapper)
+        blocks.append(wrapper)
+    routers.train(model.training)
+    settings = {"mode": "upcycle", "moe_config": cfg.to_dict(), "layers": [i for i, _, _ in found],
+                "decoder_layers": stack_path, "modules": [p for _, p, _ in found], "noise_std": noise_std}
+    _install(model, routers, blocks, settings)
+
+
+def swap_router(model: nn.Module, router: str | MoEConfig = "spectra", init_from_gate: bool = False,
+                num_experts: int | None = None, top_k: int | None = None, variant: str | None = None,
+                **config_overrides: Any) -> nn.Module:
+    """Existing MoE → new routing, in place (returns ``model``): every sparse MoE block keeps its
+    experts module (bit for bit) and any shared expert; only its gate is replaced by a `SwappedGate`
+    around the new router. ``num_experts`` defaults to the existing count (it must match it), ``top_k``
+    to the model's. ``init_from_gate=True`` copies each old gate weight into a linear router's gate
+    (switch_top1, top2, gshard_top2, aux_free, expert_choice). Sets ``config.output_router_logits =
+    False`` (the model's own load-balancing loss reads the old gate; the new router's losses are added
+    through ``output.loss``)."""
+    _check_fresh(model)
+    stack_path, stack = find_decoder_layers(model, "moe")
+    found = []
+    for i, layer in enumerate(stack):
+        hit = find_moe_block(layer)
+        if hit is not None:
+            found.append((i, hit[0], hit[1]))
+    e, k = _moe_sizes(found[0][2], model)
+    if num_experts is not None and num_experts != e:
+        raise ConfigError(f"swap_router keeps the model's {e} experts; num_experts={num_experts} does not match.")
+    cfg = _make_config(router, variant, e, top_k, config_overrides)
+    if top_k is None and not isinstance(router, MoEConfig) and "top_k" not in VARIANTS.get(variant or router, {}):
+        cfg = cfg.replace(top_k=k)
+    gate_weights = None
+    if init_from_gate:
+        if cfg.router in ("spectra", "hash", "base"):
+            raise ValueError(f"init_from_gate=True needs a router with a linear gate (switch_top1, top2, gshard_top2, "
+                             f"aux_free, expert_choice); router={cfg.router!r} has none.")
+        gate_weights = [_gate_of(block)[1].weight.detach() for _, _, block in found]
+    _apply_swap(model, cfg, stack_path, stack, [i for i, _, _ in found], gate_weights)
+    return model
+
+
+def _moe_sizes(block: nn.Module, model: nn.Module) -> tuple[int, int]:
+    _, gate = _gate_of(block)
+    experts = block.experts
+    e = getattr(experts, "num_experts", None) or getattr(gate, "num_experts", None)
+    if e is None and isinstance(experts, nn.ModuleList):
+        e = len(experts)
+    k = getattr(gate, "top_k", None) or getattr(block, "top_k", None)
+    config = getattr(model, "config", None)
+    if k is None and config is not None:
+        k = getattr(config, "num_experts_per_tok", None)
+    if e is None or k is None:
+        raise UnsupportedModelError(f"could not read the number of experts / top_k of {type(block).__name__}.")
+    return int(e), int(k)
+
+
+def _gate_of(block: nn.Module) -> tuple[str, nn.Module]:
+    for name in GATE_ATTRIBUTE_NAMES:
+        gate = getattr(block, name, None)
+        if isinstance(gate, nn.Module):
+            return name, gate
+    raise UnsupportedModelError(f"{type(block).__name__} has no gate/router submodule.")
+
+
+def _apply_swap(model: nn.Module, cfg: MoEConfig, stack_path: str, stack: nn.ModuleList, selected: list[int],
+                gate_weights: list[torch.Tensor] | None = None) -> None:
+    found = []
+    for i in selected:
+        hit = find_moe_block(stack[i])
+        if hit is None:
+            raise UnsupportedModelError(_unsupported_message(model, "moe", f" (decoder layer {stack_path}.{i})"))
+        path, block = hit
+        gate_name, gate = _gate_of(block)
+        if not (callable(getattr(block, "forward", None)) and hasattr(block, "experts")):
+            raise UnsupportedModelError(f"{type(block).__name__} is not a supported MoE block.")
+        found.append((i, path, block, gate_name, gate))
+    hidden = _model_hidden_size(model)
+    if hidden is None:
+        hidden = found[0][4].weight.shape[-1]
+    cfg = _finalise_config(cfg, hidden, len(found))
+    routers = _build_routers(cfg, len(found), _first_param(found[0][2]))
+    if gate_weights is not None:
+        with torch.no_grad():
+            for ordinal, w in enumerate(gate_weights):
+                target = routers[ordinal % len(routers)].gate.weight
+                if target.shape != w.shape:
+                    raise ValueError(f"old gate weight {tuple(w.shape)} does not fit the new gate {tuple(target.shape)}.")
+                target.copy_(w)
+    blocks = []
+    for ordinal, (i, path, block, gate_name, gate) in enumerate(found):
+        new_gate = SwappedGate(routers[ordinal % len(routers)], cfg, ordinal, f"{stack_path}.{i}.{path}")
+        new_gate.train(block.training)
+        setattr(block, gate_name, new_gate)
+        blocks.append(new_gate)
+    routers.train(model.training)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "output_router_logits", False):
+        config.output_router_logits = False
+    settings = {"mode": "swap", "moe_config": cfg.to_dict(), "layers": [f[0] for f in found],
+                "decoder_layers": stack_path, "modules": [f"{f[1]}.{f[3]}" for f in found]}
+    _install(model, routers, blocks, settings)
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+def spectra_settings(model: nn.Module) -> dict[str, Any] | None:
+    """The conversion settings stored with the model (``model.config.spectra_moe``)."""
+    config = getattr(model, "config", None)
+    value = getattr(config, CONFIG_KEY, None) if config is not None else None
+    return value if value is not None else model.__dict__.get(CONFIG_KEY)
+
+
+def moe_config_of(model: nn.Module) -> MoEConfig:
+    """The `MoEConfig` a converted model was built with."""
+    settings = spectra_settings(model)
+    if settings is None:
+        raise ValueError("this model was not converted by spectra.upcycle / spectra.swap_router.")
+    return MoEConfig.from_dict(settings["moe_config"])
+
+
+def _dedup_shared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep one name per storage (tied embeddings); make tensors contiguous for safetensors."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for name, tensor in state_dict.items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tensor.dtype) if tensor.numel() else (name,)
+        if key in seen:
+            continue
+        seen[key] = name
+        out[name] = tensor.detach().contiguous()
+    return out
+
+
+def save(model: nn.Module, save_directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Save a converted model: ``config.json`` (with ``spectra_moe``), ``generation_config.json`` and
+    ``model.safetensors`` with the module's own state-dict keys (router parameters once; tied
+    weights once). ``model.save_pretrained(path)`` on a converted model calls this."""
+    from safetensors.torch import save_file
+
+    if spectra_settings(model) is None:
+        raise ValueError("spectra.save expects a model converted by spectra.upcycle / spectra.swap_router.")
+    os.makedirs(save_directory, exist_ok=True)
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        raise ValueError("spectra.save needs a Hugging Face model (with a .config); save other models with torch.save.")
+    config.save_pretrained(save_directory)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+        try:
+            generation_config.save_pretrained(save_directory)
+        except Exception:  # noqa: BLE001 - an invalid generation config must not block saving weights
+            pass
+    tensors = _dedup_shared(state_dict if state_dict is not None else model.state_dict())
+    tensors = {k: v.cpu() for k, v in tensors.items()}
+    save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt", "spectra": "1"})
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild a model saved by `save` / ``save_pretrained``: the architecture from the saved HF config,
+    the same conversion (without copying weights), then every weight loaded strictly. Eval mode."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    settings = getattr(config, CONFIG_KEY, None)
+    if not settings:
+        raise ValueError(f"{path}: config.json has no '{CONFIG_KEY}' entry; it was not saved from a spectra model.")
+    model = AutoModelForCausalLM.from_config(config)
+    cfg = MoEConfig.from_dict(settings["moe_config"])
+    stack_path = settings["decoder_layers"]
+    stack = _get_path(model, stack_path)
+    if not isinstance(stack, nn.ModuleList):
+        raise UnsupportedModelError(f"{path}: decoder layers '{stack_path}' not found in the rebuilt model.")
+    if settings["mode"] == "upcycle":
+        _apply_upcycle(model, cfg, stack_path, stack, list(settings["layers"]), 0.0)
+    elif settings["mode"] == "swap":
+        _apply_swap(model, cfg, stack_path, stack, list(settings["layers"]))
+    else:
+        raise ValueError(f"unknown spectra_moe mode {settings['mode']!r}.")
+    setattr(model.config, CONFIG_KEY, settings)  # verbatim (e.g. the noise_std of the original upcycling)
+    file = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} not found.")
+    state = load_file(file)
+    result = model.load_state_dict(state, strict=False)
+    expected = model.state_dict()
+    for name, tensor in state.items():  # keep each saved dtype (e.g. fp32 routers in a bf16 model)
+        if name in expected and expected[name].dtype != tensor.dtype:
+            owner, _, attr = name.rpartition(".")
+            target = getattr(model.get_submodule(owner) if owner else model, attr)
+            target.data = tensor.to(target.device)
+    expected = model.state_dict()
+    loaded_ptrs = {expected[k].untyped_storage().data_ptr() for k in state if k in expected}
+    missing = [k for k in result.missing_keys if expected[k].untyped_storage().data_ptr() not in loaded_ptrs]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"{path}: weights do not match the rebuilt model: missing {missing}, "
+                           f"unexpected {result.unexpected_keys}.")
+    if dtype is not None:
+        model.to(dtype)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model
+
+
+__all__ = [
+    "CONFIG_KEY", "GATE_ATTRIBUTE_NAMES", "MLP_ATTRIBUTE_NAMES", "OUTPUT_KEYS", "RoutingStateCallback", "SwappedGate",
+    "UnsupportedModelError", "UpcycledMLP", "expression_ablation", "find_decoder_layers", "find_mlp", "find_moe_block",
+    "is_moe_block", "load", "looks_like_mlp", "moe_config_of", "register_mlp", "routed_modules", "routers_of",
+    "routing_stats", "save", "spectra_settings", "step_routers", "swap_router", "unregister_mlp", "upcycle",
+]
