@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
-import torch
-
 from common import fingerprint, load_params, paths, profile, write_json
-from spectra import evaluate
+import numpy as np  # noqa: E402  (after common: it sets OMP_WAIT_POLICY)
+import torch  # noqa: E402
+from spectra import evaluate  # noqa: E402
 from spectra.train import TrainSettings, train
 
 

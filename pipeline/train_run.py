@@ -12,12 +12,12 @@ import json
 import sys
 import time
 
-import numpy as np
-import torch
-
-from base import eval_subset
 from common import ParamsError, fingerprint, load_params, moe_config, paths, profile, run_enabled, write_json
-from spectra import evaluate
+import numpy as np  # noqa: E402  (after common: it sets OMP_WAIT_POLICY)
+import torch  # noqa: E402
+
+from base import eval_subset  # noqa: E402
+from spectra import evaluate  # noqa: E402
 from spectra.train import TrainSettings, train
 from spectra.upcycle import expression_ablation, upcycle
 
