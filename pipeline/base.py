@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-from common import fingerprint, load_params, paths, profile, write_json
+from common import data_identity, fingerprint, load_params, paths, profile, write_json
 import numpy as np  # noqa: E402  (after common: it sets OMP_WAIT_POLICY)
 import torch  # noqa: E402
 from spectra import evaluate  # noqa: E402
@@ -59,7 +59,7 @@ def main() -> None:
     if trainable:
         settings = TrainSettings(**prof["base"]["train"], seed=0)
         t0 = time.perf_counter()
-        summary.update(train(model, train_blocks, settings, out_dir / "state", fingerprint=fingerprint(prof["base"], meta["vocab_size"])))
+        summary.update(train(model, train_blocks, settings, out_dir / "state", fingerprint=fingerprint(prof["base"], data_identity(meta))))
         timing = {**summary.pop("timing"), "wall_seconds_train": time.perf_counter() - t0}
         write_json(out_dir / "timing.json", timing)  # measurements; metrics.json stays deterministic
     else:

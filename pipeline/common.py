@@ -86,6 +86,19 @@ def run_enabled(params: dict[str, Any], variant: str) -> bool:
     return enabled == "all" or variant in enabled
 
 
+def data_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the tokenized data (from data/<profile>/tokens/meta.json)."""
+    return {k: meta.get(k) for k in ("corpus_sha256", "tokenizer_sha256", "block_size", "vocab_size")}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from common import ParamsError, fingerprint, load_params, moe_config, paths, profile, run_enabled, write_json
+from common import ParamsError, data_identity, file_sha256, fingerprint, load_params, moe_config, paths, profile, run_enabled, write_json
 import numpy as np  # noqa: E402  (after common: it sets OMP_WAIT_POLICY)
 import torch  # noqa: E402
 
@@ -53,7 +53,9 @@ def main(key: str) -> None:
         cfg = moe_config(params, variant, hidden_size=hidden, num_layers=n_layers)
         upcycle(model, router=cfg, layers=layers, noise_std=prof["moe"].get("noise_std", 0.0))
     settings = TrainSettings(**prof["train"], seed=seed)
-    fp = fingerprint(prof["train"], prof["moe"], params["variants"][variant], seed, meta["vocab_size"])
+    # what the run's result depends on: a checkpoint written under anything else is never resumed
+    fp = fingerprint(prof["train"], cfg.to_dict() if cfg else None, prof["moe"].get("layers"), seed,
+                     data_identity(meta), file_sha256(p["runs"] / "base" / "model" / "model.safetensors"))
     t0 = time.perf_counter()
     summary = train(model, np.load(p["tokens"] / "train_tokens.npy"), settings, out_dir / "state", fingerprint=fp)
     (out_dir / "log.jsonl").write_text((out_dir / "state" / "log.jsonl").read_text())
