@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import MoEConfig
+from .experts import GroupedExperts, group_experts
 from .routers import Router, RoutingCall, build_router, capacity_keep
 from .routers.base import masked_mean
 
@@ -77,10 +78,11 @@ class MoEBlock(nn.Module):
             experts = [FeedForward(config.hidden_size, 4 * config.hidden_size) for _ in range(config.num_experts)]
         elif callable(experts) and not isinstance(experts, nn.Module):
             experts = [experts() for _ in range(config.num_experts)]
-        experts = list(experts)
+        if not isinstance(experts, GroupedExperts):
+            experts = list(experts)
         if len(experts) != config.num_experts:
             raise ValueError(f"MoEBlock got {len(experts)} experts but MoEConfig.num_experts={config.num_experts}.")
-        self.experts = nn.ModuleList(experts)
+        self.experts = experts if isinstance(experts, GroupedExperts) else nn.ModuleList(experts)
         if router is None:
             self.own_router = build_router(config)
         else:
@@ -94,16 +96,25 @@ class MoEBlock(nn.Module):
     def from_dense(cls, mlp: nn.Module, config: MoEConfig, noise_std: float = 0.0,
                    router: Router | None = None, layer_idx: int = 0, name: str | None = None) -> "MoEBlock":
         """Upcycle one dense MLP: E deep copies of it (optionally perturbed with Gaussian noise of
-        relative scale `noise_std`, for symmetry breaking as in the method notes' D.3)."""
-        experts = []
-        for _ in range(config.num_experts):
-            expert = copy.deepcopy(mlp)
-            if noise_std > 0:
-                with torch.no_grad():
-                    for p in expert.parameters():
-                        if p.dim() > 1:
-                            p.add_(torch.randn_like(p) * noise_std * p.std())
-            experts.append(expert)
+        relative scale `noise_std`, for symmetry breaking as in the method notes' D.3).
+
+        A recognised MLP shape (GPT-2 Conv1D, gate/up/down GLU, fc1/fc2, GPT-NeoX, `FeedForward`; see
+        `spectra.experts`) becomes `GroupedExperts` (per-expert weight tensors, one fused grouped
+        dispatch); any other module keeps E deep copies in an ``nn.ModuleList``. Both give the same
+        experts for one seed (same noise draws, same order). ``config.extra["grouped_experts"] = False``
+        forces the generic path.
+        """
+        experts = None if config.extra.get("grouped_experts") is False else group_experts(mlp, config.num_experts, noise_std)
+        if experts is None:
+            experts = []
+            for _ in range(config.num_experts):
+                expert = copy.deepcopy(mlp)
+                if noise_std > 0:
+                    with torch.no_grad():
+                        for p in expert.parameters():
+                            if p.dim() > 1:
+                                p.add_(torch.randn_like(p) * noise_std * p.std())
+                experts.append(expert)
         return cls(config, experts, router=router, layer_idx=layer_idx, name=name)
 
     # ------------------------------------------------------------------ forward
@@ -154,7 +165,7 @@ class MoEBlock(nn.Module):
             **out.stats,
         }
         if out.topk_index is not None:
-            stats["top1"] = out.topk_index[:, 0].detach()
+            stats["topk"] = out.topk_index.detach()
         update = dict(out.state_update)
         update["counts"] = counts.detach()
         ctx.record(self.layer_idx, router_loss, stats, update, self.training and torch.is_grad_enabled())
@@ -162,10 +173,18 @@ class MoEBlock(nn.Module):
 
     def dispatch(self, x: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Tensor,
                  weight: torch.Tensor) -> torch.Tensor:
-        """y[n] = Σ_m w_m · expert_{e_m}(x[n]) over assignments m of token n (sort, split, scatter)."""
+        """y[n] = Σ_m w_m · expert_{e_m}(x[n]) over assignments m of token n.
+
+        One stable sort groups the assignments by expert; each expert runs once on its contiguous
+        chunk. `GroupedExperts` do the gather, the per-expert matmuls and the weighted scatter in one
+        autograd function with a hand-written backward (`spectra.experts`); a ``ModuleList`` of
+        arbitrary experts uses split / per-expert call / ``index_add``.
+        """
         order = torch.argsort(expert_index, stable=True)
         token_sorted = token_index[order]
         counts = torch.bincount(expert_index, minlength=len(self.experts)).tolist()
+        if isinstance(self.experts, GroupedExperts):
+            return self.experts(x, token_sorted, weight[order], counts)
         chunks = x[token_sorted].split(counts)
         outputs = [self.experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e] > 0]
         y = x.new_zeros(x.shape)

@@ -1,0 +1,518 @@
+"""Grouped experts: E copies of a recognised MLP run by a loop of matmuls over expert-sorted tokens.
+
+`MoEBlock.from_dense` upcycles a dense MLP into E experts. When the MLP is one of the shapes below,
+the experts are stored as two linear maps per expert (``w_in[e]``, ``w_out[e]`` and their biases) and
+the whole mixture — gather, both matmuls, activation, routing weights, scatter — runs in one custom
+autograd function, chunk by chunk (one expert's tokens at a time), with a lean hand-written backward:
+
+=============  ===================================================  ==============================
+kind           modules (attribute names)                            forward
+=============  ===================================================  ==============================
+``conv1d``     GPT-2 ``c_fc``, ``c_proj`` (Conv1D), ``act``,          ``drop(c_proj(act(c_fc(x))))``
+               ``dropout``
+``glu``        LLaMA/Mistral/Qwen2/Gemma ``gate_proj``, ``up_proj``,   ``down(act(gate(x)) * up(x))``
+               ``down_proj``, ``act_fn``
+``fc``         Phi ``fc1``, ``fc2``, ``activation_fn``                ``fc2(act(fc1(x)))``
+``neox``       GPT-NeoX ``dense_h_to_4h``, ``dense_4h_to_h``, ``act``   ``out(act(in(x)))``
+``ffn``        `spectra.moe.FeedForward` ``fc_in``, ``act``, ``fc_out``   ``fc_out(act(fc_in(x)))``
+=============  ===================================================  ==============================
+
+Recognition is structural (attribute names, module types, a parameter-free activation, no other
+parameters or submodules) and then *checked numerically*: the grouped form must reproduce the dense
+MLP on a probe batch, otherwise `group_experts` returns None and `MoEBlock` keeps the generic
+``nn.ModuleList`` of deep copies. A model whose MLP has these names but another forward is therefore
+never silently changed.
+
+Why this layout (measured on the 2-core CPU this project targets, see ``benchmarks/``):
+
+* one expert's chunk at a time keeps its [n_e, I] intermediates in cache and small: on CPU a large
+  fresh tensor costs page faults on first touch, a small one reuses freed heap memory;
+* one tensor *per expert* (``nn.ParameterList``) rather than one stacked [E, ...] parameter, for the
+  same reason: a stacked gradient is a fresh E·I·D buffer every step (≈ 4 % of a D=768 step in page
+  faults), per-expert gradients are recycled by the allocator. `stacked()` gives [E, ...] copies.
+  (HF's eager Mixtral block pays more: each expert's ``param[e]`` gradient is a full-size zero tensor.)
+* the gate and up projections of ``glu`` experts are one [2I, D] tensor (gate rows first) multiplied
+  as two contiguous row blocks, so the activation runs on contiguous tensors;
+* forward saves per chunk only what backward needs (pre-activations and the activation output; with
+  ``recompute_activation=True`` the activation is recomputed instead — less memory, one more
+  elementwise pass, ~2-3 % slower with SiLU / tanh-GELU), backward writes each expert's weight gradient
+  directly (no ``cat``/``split``/``index_put``), and experts that received no token get no gradient
+  (``None``), exactly as unused ``nn.Module`` experts.
+
+``experts[e]`` materialises expert e as a standalone copy of the original MLP class (for inspection and
+tests); ``len(experts)`` is E. `expert_views(e)` maps the original MLP's parameter names to expert e's
+tensors (views), which is how upcycling noise, `__getitem__` and the tests address them.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GroupedExperts", "expert_bounds", "group_experts", "resolve_activation"]
+
+
+# ---------------------------------------------------------------------------- activations
+class _Activation(NamedTuple):
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    #: grad_h from (grad_a, h); None = differentiate `forward` with autograd on the chunk
+    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+
+
+def _gelu(approximate: str) -> _Activation:
+    return _Activation(functools.partial(F.gelu, approximate=approximate),
+                       functools.partial(_gelu_backward, approximate=approximate))
+
+
+def _gelu_backward(grad: torch.Tensor, h: torch.Tensor, approximate: str) -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(grad, h, approximate=approximate)
+
+
+_SILU = _Activation(F.silu, lambda grad, h: torch.ops.aten.silu_backward(grad, h))
+_RELU = _Activation(F.relu, lambda grad, h: torch.ops.aten.threshold_backward(grad, h, 0))
+
+
+def resolve_activation(act: nn.Module | Callable) -> _Activation:
+    """A fused forward/backward pair equal to `act` (to float rounding); unknown activations are
+    called as they are and differentiated by autograd.
+
+    Known: GELU (erf and tanh forms, incl. HF ``gelu_new``/``gelu_fast``/``gelu_pytorch_tanh``, which
+    are the tanh formula of ``F.gelu(approximate='tanh')``), SiLU/swish, ReLU.
+    """
+    name = type(act).__name__
+    if isinstance(act, nn.GELU):
+        return _gelu(act.approximate)
+    if isinstance(act, nn.SiLU) or name == "SiLUActivation" or act is F.silu:
+        return _SILU
+    if isinstance(act, nn.ReLU) or act is F.relu:
+        return _RELU
+    if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation"):
+        return _gelu("tanh")
+    if (name == "GELUActivation" and getattr(act, "act", None) is F.gelu) or act is F.gelu:
+        return _gelu("none")
+    return _Activation(act, None)
+
+
+def _parameter_free(module: object) -> bool:
+    return not isinstance(module, nn.Module) or next(module.parameters(), None) is None
+
+
+# ---------------------------------------------------------------------------- recognition
+def _is_linear(m: object) -> bool:
+    return type(m) is nn.Linear
+
+
+def _is_conv1d(m: object) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "weight") and hasattr(m, "bias") and hasattr(m, "nf")
+
+
+def _linear_wb(m: nn.Module, conv1d: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [out, in], bias [out] | None) of an nn.Linear or a GPT-2 Conv1D."""
+    if conv1d:
+        return m.weight.detach().t(), m.bias.detach()
+    return m.weight.detach(), (m.bias.detach() if m.bias is not None else None)
+
+
+def _analyse(mlp: nn.Module):
+    """(kind, w_in, b_in, w_out, b_out, act, dropout) for a recognised MLP, else None."""
+    names = set(dict(mlp.named_children()))
+    kind = None
+    if {"c_fc", "c_proj", "act"} <= names and _is_conv1d(mlp.c_fc) and _is_conv1d(mlp.c_proj):
+        kind, fin, fout, act = "conv1d", mlp.c_fc, mlp.c_proj, mlp.act
+        w_in, b_in = _linear_wb(fin, True)
+        w_out, b_out = _linear_wb(fout, True)
+    elif {"gate_proj", "up_proj", "down_proj"} <= names and all(
+            _is_linear(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")):
+        kind, act = "glu", getattr(mlp, "act_fn", None)
+        wg, bg = _linear_wb(mlp.gate_proj)
+        wu, bu = _linear_wb(mlp.up_proj)
+        if (bg is None) != (bu is None):
+            return None
+        w_in = torch.cat([wg, wu])
+        b_in = None if bg is None else torch.cat([bg, bu])
+        w_out, b_out = _linear_wb(mlp.down_proj)
+    else:
+        for k, a, b, actname in (("fc", "fc1", "fc2", "activation_fn"),
+                                 ("neox", "dense_h_to_4h", "dense_4h_to_h", "act"),
+                                 ("ffn", "fc_in", "fc_out", "act")):
+            if {a, b} <= names and _is_linear(getattr(mlp, a)) and _is_linear(getattr(mlp, b)):
+                kind, act = k, getattr(mlp, actname, None)
+                w_in, b_in = _linear_wb(getattr(mlp, a))
+                w_out, b_out = _linear_wb(getattr(mlp, b))
+                break
+    if kind is None or act is None or not callable(act) or not _parameter_free(act):
+        return None
+    # every parameter of the MLP must be one of the grouped ones (no extra norms, scales ...)
+    n_params = sum(1 for _ in mlp.parameters())
+    expected = 2 + (b_in is not None) + (b_out is not None) + (kind == "glu") + (kind == "glu" and b_in is not None)
+    if n_params != expected:
+        return None
+    dropout = 0.0
+    extra = names - {"c_fc", "c_proj", "act", "gate_proj", "up_proj", "down_proj", "act_fn", "fc1", "fc2",
+                     "activation_fn", "dense_h_to_4h", "dense_4h_to_h", "fc_in", "fc_out"}
+    for n in extra:
+        child = getattr(mlp, n)
+        if n == "dropout" and type(child) is nn.Dropout and kind == "conv1d":
+            dropout = float(child.p)
+        else:
+            return None
+    return kind, w_in, b_in, w_out, b_out, act, dropout
+
+
+# ---------------------------------------------------------------------------- the grouped function
+def expert_bounds(counts: list[int]) -> list[tuple[int, int, int]]:
+    """[(expert, start, end)] of the non-empty contiguous chunks of an expert-sorted assignment list."""
+    out, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            out.append((e, start, start + c))
+        start += c
+    return out
+
+
+class _Spec(NamedTuple):
+    bounds: list[tuple[int, int, int]]
+    act: _Activation
+    gated: bool
+    dropout: float
+    num_experts: int
+    has_b_in: bool
+    has_b_out: bool
+    save_act: bool  #: keep the activation output for backward (else recompute it from the pre-activation)
+
+
+def _split_params(spec: _Spec, params) -> tuple[list, list, list, list]:
+    e = spec.num_experts
+    it = iter(params)
+    w_in = [next(it) for _ in range(e)]
+    b_in = [next(it) for _ in range(e)] if spec.has_b_in else [None] * e
+    w_out = [next(it) for _ in range(e)]
+    b_out = [next(it) for _ in range(e)] if spec.has_b_out else [None] * e
+    return w_in, b_in, w_out, b_out
+
+
+def _rows(t: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None:
+    return None if t is None else t[a:b]
+
+
+def _act_grad_fn(act: _Activation, h: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """(act(h), dL/d act(h) ↦ dL/dh) for one chunk; autograd on the chunk for unknown activations."""
+    if act.backward is not None:
+        return act.forward(h), functools.partial(act.backward, h=h)
+    with torch.enable_grad():
+        leaf = h.detach().requires_grad_(True)
+        out = act.forward(leaf)
+    return out.detach(), lambda grad: torch.autograd.grad(out, leaf, grad)[0]
+
+
+class _GroupedMLP(torch.autograd.Function):
+    """The expert mixture, one expert's chunk of expert-sorted assignments at a time:
+
+        y[n] = Σ_{m: tok[m]=n} w_m · drop(act(x[tok[m]] W_in[e_m]ᵀ + b_in[e_m]) W_out[e_m]ᵀ + b_out[e_m])
+
+    (``glu``: act(x W_gateᵀ + b) ⊙ (x W_upᵀ + b) with W_gate, W_up the row blocks of W_in.)
+    Saved for backward: x, the parameters, each chunk's pre-activation(s), its unweighted output when
+    the routing weights need a gradient, and its dropout mask. Inputs: ``x, weight_sorted,
+    token_sorted, spec, *params`` (params: all w_in, [all b_in], all w_out, [all b_out]).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_sorted, token_sorted, spec: _Spec, *params):
+        w_in, b_in, w_out, b_out = _split_params(spec, params)
+        need = ctx.needs_input_grad
+        train = any(need[:2]) or any(need[4:])
+        need_weight = need[1]
+        act, gated, p = spec.act, spec.gated, spec.dropout
+        y = x.new_zeros(x.shape)
+        saved: list[torch.Tensor] = []
+        for e, s, t in spec.bounds:
+            idx = token_sorted[s:t]
+            xe = x.index_select(0, idx)
+            if gated:
+                i = w_out[e].shape[1]
+                hg = F.linear(xe, w_in[e][:i], _rows(b_in[e], 0, i))
+                hu = F.linear(xe, w_in[e][i:], _rows(b_in[e], i, None))
+                sg = act.forward(hg)
+                if spec.save_act:
+                    a = sg * hu
+                    chunk = [hg, hu, sg]
+                else:  # known activations return a new tensor: multiply in place
+                    a = sg.mul_(hu) if act.backward is not None else sg * hu
+                    chunk = [hg, hu]
+                del sg
+            else:
+                h = F.linear(xe, w_in[e], b_in[e])
+                a = act.forward(h)
+                chunk = [h, a] if spec.save_act else [h]
+            del xe
+            ye = F.linear(a, w_out[e], b_out[e])
+            del a
+            if p > 0:
+                mask = torch.empty(ye.shape, dtype=torch.bool, device=ye.device).bernoulli_(1.0 - p)
+                ye.mul_(mask).div_(1.0 - p)
+                chunk.append(mask)
+            y.index_add_(0, idx, ye * weight_sorted[s:t, None])
+            if need_weight:
+                chunk.append(ye)
+            if train:
+                saved.extend(chunk)
+        if train:
+            ctx.save_for_backward(x, weight_sorted, token_sorted, *params, *saved)
+            ctx.spec = spec
+            ctx.per_chunk = (2 if gated else 1) + spec.save_act + (p > 0) + bool(need_weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        spec = ctx.spec
+        x, weight_sorted, token_sorted, *rest = ctx.saved_tensors
+        n_params = spec.num_experts * (2 + spec.has_b_in + spec.has_b_out)
+        params, saved = rest[:n_params], rest[n_params:]
+        w_in, b_in, w_out, b_out = _split_params(spec, params)
+        need = ctx.needs_input_grad
+        need_x, need_weight = need[0], need[1]
+        g_w_in, g_b_in, g_w_out, g_b_out = _split_params(spec, need[4:])
+        grads: dict[tuple[str, int], torch.Tensor] = {}
+        act, gated, p, k = spec.act, spec.gated, spec.dropout, ctx.per_chunk
+        grad_y = grad_y.contiguous()
+        dx = torch.zeros_like(x) if need_x else None
+        dweight = torch.empty_like(weight_sorted) if need_weight else None
+        for j, (e, s, t) in enumerate(spec.bounds):
+            chunk = saved[j * k:(j + 1) * k]
+            idx = token_sorted[s:t]
+            g = grad_y.index_select(0, idx)  # dL/dy_e, rows of the chunk
+            if need_weight:
+                torch.sum(g * chunk[-1], -1, out=dweight[s:t])
+            g.mul_(weight_sorted[s:t, None])
+            if p > 0:
+                g.mul_(chunk[(2 if gated else 1) + spec.save_act]).div_(1.0 - p)
+            if gated:
+                hg, hu = chunk[0], chunk[1]
+                if spec.save_act:
+                    sg, act_grad = chunk[2], functools.partial(act.backward, h=hg)
+                else:
+                    sg, act_grad = _act_grad_fn(act, hg)
+                a = sg * hu
+            else:
+                h = chunk[0]
+                if spec.save_act:
+                    a, act_grad = chunk[1], functools.partial(act.backward, h=h)
+                else:
+                    a, act_grad = _act_grad_fn(act, h)
+            if g_w_out[e]:
+                grads["w_out", e] = g.t() @ a
+            if g_b_out[e]:
+                grads["b_out", e] = g.sum(0)
+            del a
+            da = g @ w_out[e]
+            del g
+            need_in = g_w_in[e] or g_b_in[e] or need_x
+            if not need_in:
+                continue
+            xe = x.index_select(0, idx) if g_w_in[e] else None
+            if gated:
+                i = hg.shape[1]
+                dhu = da * sg
+                dhg = act_grad(da.mul_(hu))
+                del da
+                if g_w_in[e]:
+                    dw = torch.empty_like(w_in[e])
+                    torch.mm(dhg.t(), xe, out=dw[:i])
+                    torch.mm(dhu.t(), xe, out=dw[i:])
+                    grads["w_in", e] = dw
+                if g_b_in[e]:
+                    grads["b_in", e] = torch.cat([dhg.sum(0), dhu.sum(0)])
+                if need_x:
+                    dx.index_add_(0, idx, torch.addmm(dhg @ w_in[e][:i], dhu, w_in[e][i:]))
+            else:
+                dh = act_grad(da)
+                del da
+                if g_w_in[e]:
+                    grads["w_in", e] = dh.t() @ xe
+                if g_b_in[e]:
+                    grads["b_in", e] = dh.sum(0)
+                if need_x:
+                    dx.index_add_(0, idx, dh @ w_in[e])
+        out = []
+        for name, present in (("w_in", True), ("b_in", spec.has_b_in), ("w_out", True), ("b_out", spec.has_b_out)):
+            if present:
+                out.extend(grads.get((name, e)) for e in range(spec.num_experts))
+        return (dx, dweight, None, None, *out)
+
+
+# ---------------------------------------------------------------------------- module
+_PAIRS = {"fc": ("fc1", "fc2"), "neox": ("dense_h_to_4h", "dense_4h_to_h"), "ffn": ("fc_in", "fc_out"),
+          "conv1d": ("c_fc", "c_proj")}
+
+
+def _param_list(tensors: list[torch.Tensor] | None) -> nn.ParameterList | None:
+    return None if tensors is None else nn.ParameterList([nn.Parameter(t) for t in tensors])
+
+
+class GroupedExperts(nn.Module):
+    """E experts of one recognised MLP kind (see the module docstring), called by `MoEBlock.dispatch`.
+
+    Parameters: ``w_in[e]`` [O, D] (O = I, or 2I for ``glu``: gate rows then up rows), ``b_in[e]`` [O]
+    (absent when the MLP has no input bias), ``w_out[e]`` [D, I], ``b_out[e]`` [D] (idem): the
+    ``nn.Linear`` layout whatever the original (GPT-2's Conv1D weights are stored transposed).
+    """
+
+    def __init__(self, kind: str, w_in: list[torch.Tensor], b_in: list[torch.Tensor] | None,
+                 w_out: list[torch.Tensor], b_out: list[torch.Tensor] | None, activation: nn.Module | Callable,
+                 dropout: float = 0.0, template: nn.Module | None = None, recompute_activation: bool = False) -> None:
+        super().__init__()
+        if kind not in ("conv1d", "glu", "fc", "neox", "ffn"):
+            raise ValueError(f"unknown expert kind {kind!r}")
+        self.kind = kind
+        self.w_in = _param_list(w_in)
+        self.b_in = _param_list(b_in)
+        self.w_out = _param_list(w_out)
+        self.b_out = _param_list(b_out)
+        self.activation = activation if isinstance(activation, nn.Module) else None
+        self._act = resolve_activation(activation)
+        self.dropout = float(dropout)
+        self.gated = kind == "glu"
+        #: True: backward recomputes the activation from the saved pre-activation (saves one [tokens, I]
+        #: tensor per layer, costs one elementwise pass; activations without a fused backward always do)
+        self.recompute_activation = bool(recompute_activation)
+        # the original MLP on the meta device (no storage), to materialise single experts; not a submodule
+        self.__dict__["_template"] = template
+
+    # ------------------------------------------------------------------ access
+    @property
+    def num_experts(self) -> int:
+        return len(self.w_in)
+
+    def __len__(self) -> int:
+        return len(self.w_in)
+
+    def __iter__(self):
+        return (self[e] for e in range(len(self)))
+
+    def expert_views(self, e: int, grad: bool = False) -> dict[str, torch.Tensor]:
+        """Expert e's tensors keyed and shaped like the original MLP's parameters (views, not copies);
+        ``grad=True``: the same for their gradients (zeros where a parameter has none)."""
+        def get(plist):
+            if plist is None:
+                return None
+            t = plist[e]
+            return (t.grad if t.grad is not None else torch.zeros_like(t)) if grad else t
+
+        w_in, b_in, w_out, b_out = (get(p) for p in (self.w_in, self.b_in, self.w_out, self.b_out))
+        if self.kind == "glu":
+            i = w_out.shape[1]
+            views = {"gate_proj.weight": w_in[:i], "up_proj.weight": w_in[i:], "down_proj.weight": w_out}
+            if b_in is not None:
+                views.update({"gate_proj.bias": b_in[:i], "up_proj.bias": b_in[i:]})
+            if b_out is not None:
+                views["down_proj.bias"] = b_out
+            return views
+        a, b = _PAIRS[self.kind]
+        t = (lambda w: w.t()) if self.kind == "conv1d" else (lambda w: w)
+        views = {f"{a}.weight": t(w_in), f"{b}.weight": t(w_out)}
+        if b_in is not None:
+            views[f"{a}.bias"] = b_in
+        if b_out is not None:
+            views[f"{b}.bias"] = b_out
+        return views
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        """Detached [E, ...] copies of the parameters (e.g. to load into a stacked-weight MoE such as
+        transformers' ``MixtralExperts``: ``gate_up_proj = stacked()["w_in"]``, ``down_proj = ["w_out"]``)."""
+        return {name: torch.stack([p.detach() for p in plist]) for name in ("w_in", "b_in", "w_out", "b_out")
+                if (plist := getattr(self, name)) is not None}
+
+    def __getitem__(self, e: int) -> nn.Module:
+        """Expert `e` as a standalone module of the original MLP class (a detached copy)."""
+        if not -len(self) <= e < len(self):
+            raise IndexError(f"expert index {e} out of range for {len(self)} experts")
+        template = self.__dict__["_template"]
+        if template is None:
+            raise TypeError("this GroupedExperts has no template MLP to materialise single experts")
+        module = copy.deepcopy(template).to_empty(device=self.w_in[0].device)
+        module.load_state_dict({k: v.detach().clone() for k, v in self.expert_views(e % len(self)).items()})
+        return module.train(self.training)
+
+    def extra_repr(self) -> str:
+        o, d = self.w_in[0].shape
+        return (f"kind={self.kind}, num_experts={len(self)}, hidden={d}, intermediate={self.w_out[0].shape[1]}, "
+                f"bias={self.b_in is not None}, dropout={self.dropout}")
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, x: torch.Tensor, token_sorted: torch.Tensor, weight_sorted: torch.Tensor,
+                counts: list[int]) -> torch.Tensor:
+        """Mix the experts over expert-sorted assignments: rows of `token_sorted`/`weight_sorted` [M]
+        grouped by expert, ``counts[e]`` rows for expert e. Returns y [N, D] (N = x.shape[0])."""
+        bounds = expert_bounds(counts)
+        if not bounds:
+            return x.new_zeros(x.shape)
+        save_act = not self.recompute_activation and self._act.backward is not None
+        spec = _Spec(bounds, self._act, self.gated, self.dropout if self.training else 0.0, len(self),
+                     self.b_in is not None, self.b_out is not None, save_act)
+        params = [*self.w_in, *(self.b_in or ()), *self.w_out, *(self.b_out or ())]
+        return _GroupedMLP.apply(x.contiguous(), weight_sorted.to(x.dtype), token_sorted, spec, *params)
+
+
+def group_experts(mlp: nn.Module, num_experts: int, noise_std: float = 0.0) -> GroupedExperts | None:
+    """E copies of `mlp` as `GroupedExperts`, or None when `mlp` is not a recognised shape (or the
+    grouped form does not reproduce it on a probe batch).
+
+    `noise_std` > 0 perturbs each expert's weight matrices exactly as E deep copies perturbed one by
+    one would be (``W += randn_like(W) · noise_std · std(W)``, experts in order, parameters in the MLP's
+    order, from the global RNG): the grouped and the generic path give the same experts for one seed.
+    """
+    spec = _analyse(mlp)
+    if spec is None:
+        return None
+    kind, w_in, b_in, w_out, b_out, act, dropout = spec
+    if not _probe(mlp, kind, w_in, b_in, w_out, b_out, act):
+        return None
+    e = num_experts
+    with torch.no_grad():
+        copies = [None if t is None else [t.clone().contiguous() for _ in range(e)] for t in (w_in, b_in, w_out, b_out)]
+    template = copy.deepcopy(mlp).to("meta")
+    act = copy.deepcopy(act) if isinstance(act, nn.Module) else act
+    experts = GroupedExperts(kind, *copies, act, dropout, template)
+    if noise_std > 0:
+        named = [(n, p) for n, p in mlp.named_parameters() if p.dim() > 1]
+        with torch.no_grad():
+            for k in range(e):
+                views = experts.expert_views(k)
+                for name, p in named:
+                    views[name].add_(torch.randn_like(p) * noise_std * p.std())
+    return experts
+
+
+@torch.no_grad()
+def _probe(mlp, kind, w_in, b_in, w_out, b_out, act) -> bool:
+    """Does the grouped formula reproduce `mlp` (in eval mode) on a small random batch?"""
+    if any(p.is_meta for p in mlp.parameters()):
+        return True  # nothing to compare on the meta device; trust the structural match
+    dtype, device = w_in.dtype, w_in.device
+    gen = torch.Generator(device="cpu").manual_seed(0)  # a private generator: the global RNG is untouched
+    x = torch.randn(3, w_in.shape[1], generator=gen).to(device=device, dtype=dtype)
+    was_training = mlp.training
+    mlp.eval()
+    try:
+        ref = mlp(x)
+    except Exception:
+        return False
+    finally:
+        mlp.train(was_training)
+    if not torch.is_tensor(ref) or ref.shape != x.shape:
+        return False
+    f = resolve_activation(act).forward
+    h = F.linear(x, w_in, b_in)
+    if kind == "glu":
+        gate, up = h.chunk(2, dim=-1)
+        a = f(gate) * up
+    else:
+        a = f(h)
+    out = F.linear(a, w_out, b_out)
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+    return bool(((out - ref).abs().max() / ref.abs().max().clamp_min(1.0)) <= tol)
