@@ -131,44 +131,15 @@ class MoEBlock(nn.Module):
                 f"non-finite values (NaN or inf) in the input of MoE layer {self.layer_idx} ('{self.name}'); "
                 "the model diverged upstream of this layer — lower the learning rate or check the inputs.")
         x = hidden_states.reshape(-1, shape[-1])
-        n = x.shape[0]
         ctx = router.ctx
+        n = x.shape[0]
         mask = _flat(padding_mask if padding_mask is not None else ctx.padding_mask, n, torch.bool)
         ids = _flat(token_ids if token_ids is not None else ctx.token_ids, n, torch.long)
         batch_shape = (shape[0], shape[1]) if len(shape) == 3 else (1, n)
-        call = RoutingCall(self.layer_idx, mask, ids, batch_shape, ctx.continuation)
-        out = router(x, call)
-
-        tok, exp, w = out.token_index, out.expert_index, out.weight
-        keep = mask[tok] if mask is not None else None
-        pad_keep = keep
-        if cfg.capacity_factor is not None and router.block_capacity and (self.training or cfg.capacity_in_eval):
-            n_real = int(mask.sum()) if mask is not None else n
-            capacity = math.ceil(cfg.capacity_factor * n_real * cfg.top_k / cfg.num_experts)
-            cap_keep = capacity_keep(exp if keep is None else exp.masked_fill(~keep, 0), capacity, cfg.num_experts,
-                                     priority=None if keep is None else keep.float())
-            keep = cap_keep if keep is None else (keep & cap_keep)
-        real_assigned = int(pad_keep.sum()) if pad_keep is not None else exp.numel()
-        if keep is not None:
-            tok, exp, w = tok[keep], exp[keep], w[keep]
-        y = self.dispatch(x, tok, exp, w)
-
-        losses = out.losses
-        router_loss = torch.stack(list(losses.values())).sum() if losses else x.new_zeros((), dtype=torch.float32)
-        counts = torch.bincount(exp, minlength=cfg.num_experts).float()
-        stats = {
-            "tokens_per_expert": counts,
-            "num_tokens": torch.tensor(float(mask.sum()) if mask is not None else float(n)),
-            "dropped_fraction": torch.tensor(1.0 - exp.numel() / max(1, real_assigned)),
-            "router_probs_mean": masked_mean(out.probs.detach().float(), mask),
-            "routing_entropy": _normalised_entropy(out.probs.detach(), mask),
-            **out.stats,
-        }
-        if out.topk_index is not None:
-            stats["topk"] = out.topk_index.detach()
-        update = dict(out.state_update)
-        update["counts"] = counts.detach()
-        ctx.record(self.layer_idx, router_loss, stats, update, self.training and torch.is_grad_enabled())
+        routed = route_tokens(router, cfg, RoutingCall(self.layer_idx, mask, ids, batch_shape, ctx.continuation),
+                              x, self.training)
+        y = self.dispatch(x, routed.token_index, routed.expert_index, routed.weight)
+        router_loss, losses, stats = routed.router_loss, routed.losses, routed.stats
         return MoEOutput(y.reshape(shape), router_loss, losses, stats)
 
     def dispatch(self, x: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Tensor,
@@ -192,6 +163,56 @@ class MoEBlock(nn.Module):
             mixed = torch.cat(outputs) * weight[order].to(x.dtype).unsqueeze(-1)
             y = y.index_add(0, token_sorted, mixed.to(x.dtype))
         return y
+
+
+@dataclass
+class RoutedTokens:
+    """The assignments an MoE layer executes (after padding removal and capacity), with its losses
+    and statistics; already recorded in the router's `RoutingContext`."""
+
+    token_index: torch.Tensor
+    expert_index: torch.Tensor
+    weight: torch.Tensor
+    router_loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor]
+    probs: torch.Tensor
+
+
+def route_tokens(router: Router, cfg: MoEConfig, call: RoutingCall, x: torch.Tensor, training: bool) -> RoutedTokens:
+    """Route N tokens: the router's assignments, minus padding tokens, within the hard capacity
+    ⌈cf·N·k/E⌉ (in priority order) when set; statistics recorded once per (forward, layer)."""
+    n, mask = x.shape[0], call.mask
+    out = router(x, call)
+    tok, exp, w = out.token_index, out.expert_index, out.weight
+    keep = mask[tok] if mask is not None else None
+    real_assigned = int(keep.sum()) if keep is not None else exp.numel()
+    if cfg.capacity_factor is not None and router.block_capacity and (training or cfg.capacity_in_eval):
+        n_real = int(mask.sum()) if mask is not None else n
+        capacity = math.ceil(cfg.capacity_factor * n_real * cfg.top_k / cfg.num_experts)
+        cap_keep = capacity_keep(exp if keep is None else exp.masked_fill(~keep, 0), capacity, cfg.num_experts,
+                                 priority=None if keep is None else keep.float())
+        keep = cap_keep if keep is None else (keep & cap_keep)
+    if keep is not None:
+        tok, exp, w = tok[keep], exp[keep], w[keep]
+
+    losses = out.losses
+    router_loss = torch.stack(list(losses.values())).sum() if losses else x.new_zeros((), dtype=torch.float32)
+    counts = torch.bincount(exp, minlength=cfg.num_experts).float()
+    stats = {
+        "tokens_per_expert": counts,
+        "num_tokens": torch.tensor(float(mask.sum()) if mask is not None else float(n)),
+        "dropped_fraction": torch.tensor(1.0 - exp.numel() / max(1, real_assigned)),
+        "router_probs_mean": masked_mean(out.probs.detach().float(), mask),
+        "routing_entropy": _normalised_entropy(out.probs.detach(), mask),
+        **out.stats,
+    }
+    if out.topk_index is not None:
+        stats["topk"] = out.topk_index.detach()
+    update = dict(out.state_update)
+    update["counts"] = counts.detach()
+    router.ctx.record(call.layer_idx, router_loss, stats, update, training and torch.is_grad_enabled())
+    return RoutedTokens(tok, exp, w, router_loss, losses, stats, out.probs)
 
 
 def _flat(t: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor | None:

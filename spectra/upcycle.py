@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -44,9 +43,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .config import VARIANTS, ConfigError, MoEConfig
-from .moe import MoEBlock, _normalised_entropy
-from .routers import Router, RoutingCall, build_router, capacity_keep
-from .routers.base import masked_mean
+from .moe import MoEBlock, _flat, route_tokens
+from .routers import Router, RoutingCall, build_router
 
 try:  # GPT-2 style Conv1D (weight stored [in, out])
     from transformers.pytorch_utils import Conv1D
@@ -341,46 +339,12 @@ class SwappedGate(_Routed):
         ids = _flat(ctx.token_ids, n, torch.long)
         ref = ctx.token_ids if ids is not None else (ctx.padding_mask if mask is not None else None)
         batch_shape = tuple(ref.shape[-2:]) if ref is not None and ref.dim() == 2 else (1, n)
-        out = router(x, RoutingCall(self.layer_idx, mask, ids, batch_shape, ctx.continuation))
-        tok, exp, w = out.token_index, out.expert_index, out.weight
-        keep = mask[tok] if mask is not None else None
-        pad_keep = keep
-        if cfg.capacity_factor is not None and router.block_capacity and (self.training or cfg.capacity_in_eval):
-            n_real = int(mask.sum()) if mask is not None else n
-            capacity = math.ceil(cfg.capacity_factor * n_real * cfg.top_k / cfg.num_experts)
-            cap_keep = capacity_keep(exp if keep is None else exp.masked_fill(~keep, 0), capacity, cfg.num_experts,
-                                     priority=None if keep is None else keep.float())
-            keep = cap_keep if keep is None else (keep & cap_keep)
-        real_assigned = int(pad_keep.sum()) if pad_keep is not None else exp.numel()
-        if keep is not None:
-            tok, exp, w = tok[keep], exp[keep], w[keep]
-        index, weight = _flat_to_topk(tok, exp, w, n, cfg.top_k)
-
-        losses = out.losses
-        router_loss = torch.stack(list(losses.values())).sum() if losses else x.new_zeros((), dtype=torch.float32)
-        counts = torch.bincount(exp, minlength=cfg.num_experts).float()
-        stats = {
-            "tokens_per_expert": counts,
-            "num_tokens": torch.tensor(float(mask.sum()) if mask is not None else float(n)),
-            "dropped_fraction": torch.tensor(1.0 - exp.numel() / max(1, real_assigned)),
-            "router_probs_mean": masked_mean(out.probs.detach().float(), mask),
-            "routing_entropy": _normalised_entropy(out.probs.detach(), mask),
-            **out.stats,
-        }
-        if out.topk_index is not None:
-            stats["topk"] = out.topk_index.detach()
-        update = dict(out.state_update)
-        update["counts"] = counts.detach()
-        ctx.record(self.layer_idx, router_loss, stats, update, self.training and torch.is_grad_enabled())
-        self._remember(losses)
-        logits = out.probs.clamp_min(1e-9).log().to(hidden_states.dtype)
+        routed = route_tokens(router, cfg, RoutingCall(self.layer_idx, mask, ids, batch_shape, ctx.continuation),
+                              x, self.training)
+        index, weight = _flat_to_topk(routed.token_index, routed.expert_index, routed.weight, n, cfg.top_k)
+        self._remember(routed.losses)
+        logits = routed.probs.clamp_min(1e-9).log().to(hidden_states.dtype)
         return logits, weight.to(hidden_states.dtype), index
-
-
-def _flat(t: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor | None:
-    if t is None or t.numel() != n:
-        return None
-    return t.reshape(-1).to(dtype)
 
 
 def _flat_to_topk(tok: torch.Tensor, exp: torch.Tensor, w: torch.Tensor, n: int,
