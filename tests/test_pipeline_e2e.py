@@ -26,11 +26,9 @@ def _run(cmd, cwd, env, timeout=900):
     return proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory):
-    if shutil.which("latexmk") is None:
-        pytest.fail("latexmk is missing: run `bash scripts/install_tex.sh` (make test does)")
-    dest = tmp_path_factory.mktemp("repo")
+def _copy_repo(dest: Path, profile: str) -> tuple[Path, dict]:
+    """A fresh copy of the tracked files (as CI's clone) switched to `profile`, sharing the package and
+    model caches of this checkout."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     for rel in filter(None, files.split("\0")):
         src = ROOT / rel
@@ -38,12 +36,20 @@ def tiny_repo(tmp_path_factory):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     params = (dest / "params.yaml").read_text()
-    (dest / "params.yaml").write_text(re.sub(r"^profile: \w+", "profile: tiny", params, flags=re.M))
+    (dest / "params.yaml").write_text(re.sub(r"^profile: \w+", f"profile: {profile}", params, flags=re.M))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "SPECTRA_CACHE": str(ROOT / "data" / "packages"), "SPECTRA_MODELS": str(ROOT / "data" / "models"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "SPECTRA_NO_PROGRESS": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(dest)}
+           "SPECTRA_NO_PROGRESS": "1", "MPLBACKEND": "Agg", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(dest)}
     _run("git init -q && git add -A && git -c user.email=ci@x -c user.name=ci commit -qm snapshot", dest, env)
+    return dest, env
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory):
+    if shutil.which("latexmk") is None:
+        pytest.fail("latexmk is missing: run `bash scripts/install_tex.sh` (make test does)")
+    dest, env = _copy_repo(tmp_path_factory.mktemp("repo"), "tiny")
     t0 = time.perf_counter()
     log = _run("dvc repro", dest, env, timeout=1500)
     elapsed = time.perf_counter() - t0
