@@ -455,6 +455,11 @@ class GroupedExperts(nn.Module):
         spec = _Spec(bounds, self._act, self.gated, self.dropout if self.training else 0.0, len(self),
                      self.b_in is not None, self.b_out is not None, save_act)
         params = [*self.w_in, *(self.b_in or ()), *self.w_out, *(self.b_out or ())]
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # the hand-written backward assumes one dtype: run in the weights'
+            with torch.autocast(device, enabled=False):
+                xx = x.to(params[0].dtype).contiguous()
+                return _GroupedMLP.apply(xx, weight_sorted.to(xx.dtype), token_sorted, spec, *params)
         return _GroupedMLP.apply(x.contiguous(), weight_sorted.to(x.dtype), token_sorted, spec, *params)
 
 

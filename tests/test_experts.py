@@ -239,8 +239,9 @@ def test_dropout_train_mode_gradcheck_and_eval_exact(recompute):
     y = f(x, w)
     assert torch.equal(y, f(x, w))
     assert torch.autograd.gradcheck(f, (x, w), eps=1e-6, atol=1e-5)
-    # some entries dropped in training; eval is deterministic and equals the module path
+    # dropout is active in training; eval is deterministic and equals the materialised experts
     ex.eval()
+    assert not torch.allclose(y, ex(x, tok, w, [4, 2]))
     ref = torch.zeros(4, d, dtype=torch.float64)
     with torch.no_grad():
         for m, (t, e) in enumerate(zip(tok.tolist(), [0, 0, 0, 0, 1, 1])):
@@ -365,3 +366,13 @@ def test_fused_cosine_and_mean_matches_reference(masked, expanded):
     s_only, none = cosine_and_mean(r, p, mask, with_mean=False)
     assert none is None
     torch.testing.assert_close(s_only, results[0][0], rtol=1e-12, atol=1e-12)
+
+
+def test_autocast_region_runs_in_weight_dtype():
+    torch.manual_seed(0)
+    block = MoEBlock.from_dense(_llama(), _config(), noise_std=0.1)
+    x = torch.randn(2, 5, D, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+    (out.hidden_states.float().pow(2).sum() + out.router_loss).backward()
+    assert torch.isfinite(x.grad).all() and block.experts.w_in[0].grad is not None
