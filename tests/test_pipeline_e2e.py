@@ -37,8 +37,17 @@ def _copy_repo(dest: Path, profile: str) -> tuple[Path, dict]:
             shutil.copy2(src, dest / rel)
     params = (dest / "params.yaml").read_text()
     (dest / "params.yaml").write_text(re.sub(r"^profile: \w+", f"profile: {profile}", params, flags=re.M))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "SPECTRA_CACHE": str(ROOT / "data" / "packages"), "SPECTRA_MODELS": str(ROOT / "data" / "models"),
+    # the pinned packages this checkout already downloaded and verified: hard links, so `fetch` (which
+    # re-checks every sha256) does not download them again
+    packages = ROOT / "data" / "packages"
+    if packages.is_dir():
+        (dest / "data" / "packages").mkdir(parents=True, exist_ok=True)
+        for f in packages.iterdir():
+            if f.is_file():
+                os.link(f, dest / "data" / "packages" / f.name)
+    env = {k: v for k, v in os.environ.items() if k != "SPECTRA_CACHE"}
+    env = {**env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "SPECTRA_MODELS": str(ROOT / "data" / "models"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "SPECTRA_NO_PROGRESS": "1", "MPLBACKEND": "Agg", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(dest)}
     _run("git init -q && git add -A && git -c user.email=ci@x -c user.name=ci commit -qm snapshot", dest, env)
