@@ -555,10 +555,7 @@ def train_bpe_tokenizer(corpus_dir: str | os.PathLike, vocab_size: int, out_dir:
     tok.train_from_iterator(_progress(texts, desc="bpe", unit="doc"), trainer=trainer, length=len(texts))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
                                    unk_token=EOS_TOKEN, model_max_length=10**9)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        os.chmod(tmp, 0o755)
+    with resources.atomic_dir(out) as tmp:
         fast.save_pretrained(str(tmp))
         # save_pretrained may record the local path; drop volatile keys so the folder is byte-stable.
         cfg_path = tmp / "tokenizer_config.json"
@@ -572,14 +569,6 @@ def train_bpe_tokenizer(corpus_dir: str | os.PathLike, vocab_size: int, out_dir:
             "train_docs": len(texts), "train_bytes": used, "eos_token": EOS_TOKEN,
             "corpus_train_sha256": hashlib.sha256((corpus_dir / "train.jsonl").read_bytes()).hexdigest(),
         }))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

