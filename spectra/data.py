@@ -44,7 +44,6 @@ import io
 import json
 import os
 import re
-import shutil
 import sys
 import tarfile
 import tempfile
