@@ -62,7 +62,8 @@ def main() -> None:
         summary.update(train(model, train_blocks, settings, out_dir / "state", fingerprint=fingerprint(prof["base"], data_identity(meta))))
         timing = {**summary.pop("timing"), "wall_seconds_train": time.perf_counter() - t0}
         write_json(out_dir / "timing.json", timing)  # measurements; metrics.json stays deterministic
-    else:
+    else:  # a pretrained base is not trained here: its (persisted) resume folder stays empty
+        (out_dir / "state").mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "timing.json", {})
     model.save_pretrained(out_dir / "model")
     val, val_dom = eval_subset(np.load(p["tokens"] / "validation_tokens.npy"),
