@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "dead_expert_fraction", "expert_domain_mi", "expert_overlap", "gini", "gram_orthogonality", "gram_residual",
+    "dead_expert_fraction", "effective_expert_fraction", "expert_domain_mi", "expert_overlap", "gini", "gram_orthogonality", "gram_residual",
     "layer_consistency", "layer_utilisation", "linear_probe_accuracy", "load_cv", "load_entropy", "max_vio",
-    "mean_expert_overlap", "projector_orthogonality", "routing_agreement", "routing_entropy", "summarise_load",
+    "mean_expert_overlap", "projector_orthogonality", "routing_agreement", "routing_entropy", "routing_entropy_tensor", "summarise_load",
     "tokens_per_expert",
 ]
 
@@ -183,23 +183,31 @@ def summarise_load(load: LoadLike, threshold: float = 0.1) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------- routing
+def routing_entropy_tensor(probs: Tensor, mask: Tensor | None = None) -> Tensor:
+    """`routing_entropy` as a 0-d float32 tensor on `probs`' device (no host synchronisation)."""
+    p = probs.detach().float()
+    e = p.shape[-1]
+    p = p.reshape(-1, e)
+    if e <= 1 or p.shape[0] == 0:
+        return p.new_zeros(())
+    row = p.sum(-1, keepdim=True)
+    p = torch.where(row > 0, p / row.clamp_min(1e-30), torch.zeros_like(p))
+    h = _entropy(p) / math.log(e)
+    if mask is None:
+        return h.mean()
+    m = mask.reshape(-1).to(h.dtype)
+    return (h * m).sum() / m.sum().clamp_min(1.0)
+
+
 def routing_entropy(probs: Tensor, mask: Tensor | None = None) -> float:
     """Mean normalised per-token routing entropy, ``mean_n H(p_n)/log E`` (0·log 0 = 0).
 
     `probs` is ``[N, E]`` (any leading shape is flattened to N); each row is renormalised to sum to 1
     (rows that sum to 0 count as entropy 0). 1 = every token spread uniformly, 0 = every token one-hot.
-    0 when there is no (real) token or E = 1.
+    0 when there is no (real) token or E = 1. The one definition: MoE blocks report it per call
+    (``stats["routing_entropy"]``), the training log and the evaluation read that.
     """
-    p = probs.detach().to(torch.float64)
-    e = p.shape[-1]
-    p = p.reshape(-1, e)
-    keep = _token_mask(mask, p.shape[0], p.device)
-    p = p[keep]
-    if p.shape[0] == 0 or e <= 1:
-        return 0.0
-    row = p.sum(-1, keepdim=True)
-    p = torch.where(row > 0, p / row.clamp_min(1e-300), torch.zeros_like(p))
-    return float(_entropy(p).mean() / math.log(e))
+    return float(routing_entropy_tensor(probs, mask))
 
 
 def gram_residual(gram: Tensor) -> float:
@@ -308,49 +316,55 @@ def layer_consistency(top1: Tensor, mask: Tensor | None = None) -> float:
 
 
 # --------------------------------------------------------------------------------------------- layers
+def effective_expert_fraction(load: LoadLike) -> float:
+    """``exp(H(u))/E`` with ``u = c/Σc``: the share of experts a layer effectively uses (1 = perfectly
+    balanced, 1/E = one expert takes everything; 0 for a layer with no token). Unlike "experts that
+    receive any token", it falls as soon as the load is uneven, dead expert or not."""
+    c = _as_load(load)
+    e, total = c.numel(), float(c.sum())
+    if total <= 0:
+        return 0.0
+    return float(torch.exp(_entropy(c / total)) / e)
+
+
 def layer_utilisation(loads: Tensor, threshold: float = 0.1) -> dict[str, float | Tensor]:
     """Layer-wise load balance (seed 004 §2) from per-layer loads ``[L, E]`` (layers in depth order).
 
     Seed 004 defines ``layer_utilization_cv`` as the coefficient of variation of *expert utilisation*
-    across layers; the original code (analysis §8) took the utilisation of a layer to be the fraction of
-    its experts that receive any token. We keep that meaning, with the collapse-rate threshold so that
-    near-dead experts do not count as used:
+    across layers. The original code took a layer's utilisation to be the fraction of its experts that
+    receive any token, which is 1 in every layer unless an expert dies — so the CV was 0 and the
+    early/late ratio 1 by construction. Here utilisation is the effective fraction of experts used,
+    ``util_ℓ = exp(H(u_ℓ))/E`` (`effective_expert_fraction`), which moves with any imbalance:
 
-    * ``util_ℓ = 1 − dead_expert_fraction(loads[ℓ], threshold)`` (a layer with no token: util 0);
     * ``layer_cv = std_ℓ(util_ℓ) / mean_ℓ(util_ℓ)`` (population std; 0 if the mean is 0) — seed: good
       < 0.1, bad > 0.3;
     * ``early_late_ratio = mean(util_{1..m}) / mean(util_{L−m+1..L})`` with ``m = max(1, ⌊L/3⌋)`` (the
-      first vs the last third; for L < 3 the first vs the last layer, 1.0 for L = 1 with util > 0);
-      0 when both means are 0, +inf when only the late mean is 0 — seed: good 0.9–1.1;
+      first vs the last third; for L < 3 the first vs the last layer) — 0 when both means are 0, +inf
+      when only the late mean is 0 — seed: good 0.9–1.1;
     * ``mean_layer_entropy = mean_ℓ load_entropy(loads[ℓ])`` — seed: good > 0.8, bad < 0.5.
 
-    Also returned, for plots: ``utilisation`` [L], ``layer_entropy`` [L] and ``layer_load_cv`` [L]
-    (the per-layer `load_cv`), as float32 tensors.
+    Also returned, for plots: ``utilisation`` [L], ``active_fraction`` [L] (1 − dead-expert fraction
+    at `threshold`), ``layer_entropy`` [L] and ``layer_load_cv`` [L], as float32 tensors.
     """
     lo = loads.detach().to(torch.float64)
     if lo.dim() != 2:
         raise ValueError("loads must be [L, E]")
     n_layers = lo.shape[0]
-    util = torch.tensor([0.0 if float(row.sum()) <= 0 else 1.0 - dead_expert_fraction(row, threshold) for row in lo],
-                        dtype=torch.float64)
+    util = torch.tensor([effective_expert_fraction(row) for row in lo], dtype=torch.float64)
+    active = torch.tensor([0.0 if float(row.sum()) <= 0 else 1.0 - dead_expert_fraction(row, threshold) for row in lo],
+                          dtype=torch.float64)
     ent = torch.tensor([load_entropy(row) for row in lo], dtype=torch.float64)
     cvs = torch.tensor([load_cv(row) for row in lo], dtype=torch.float64)
+    tensors = {"utilisation": util.float(), "active_fraction": active.float(), "layer_entropy": ent.float(),
+               "layer_load_cv": cvs.float()}
     if n_layers == 0:
-        return {"layer_cv": 0.0, "early_late_ratio": 0.0, "mean_layer_entropy": 0.0,
-                "utilisation": util.float(), "layer_entropy": ent.float(), "layer_load_cv": cvs.float()}
+        return {"layer_cv": 0.0, "early_late_ratio": 0.0, "mean_layer_entropy": 0.0, **tensors}
     mean_u = util.mean()
     layer_cv = float(util.std(correction=0) / mean_u) if mean_u > 0 else 0.0
     m = max(1, n_layers // 3)
     early, late = float(util[:m].mean()), float(util[-m:].mean())
     ratio = early / late if late > 0 else (0.0 if early == 0 else math.inf)
-    return {
-        "layer_cv": layer_cv,
-        "early_late_ratio": ratio,
-        "mean_layer_entropy": float(ent.mean()),
-        "utilisation": util.float(),
-        "layer_entropy": ent.float(),
-        "layer_load_cv": cvs.float(),
-    }
+    return {"layer_cv": layer_cv, "early_late_ratio": ratio, "mean_layer_entropy": float(ent.mean()), **tensors}
 
 
 # --------------------------------------------------------------------------------------------- domains

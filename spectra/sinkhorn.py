@@ -19,6 +19,8 @@ class SinkhornResult(NamedTuple):
     log_plan: torch.Tensor  #: [N, E] log P (padding rows are -inf)
     row_error: torch.Tensor  #: max_n |Σ_e P[n,e] − 1| over valid rows (detached)
     col_error: torch.Tensor  #: max_e |Σ_n P[n,e] − N/E| / (N/E) (detached, relative)
+    col_potential: torch.Tensor  #: [E] column potentials g, centred (mean 0; with gradient)
+    row_log_plan: torch.Tensor  #: [N, E] row-normalised log plan, log_softmax(−C/ε + g): finite on every row
 
 
 def log_sinkhorn(
@@ -37,7 +39,14 @@ def log_sinkhorn(
 
     Each round updates the dual potentials (f, g) of
     ``log P = −C/ε + f 1ᵀ + 1 gᵀ``:  ``f = −LSE_e(−C/ε + g)`` (rows → 1), then
-    ``g = log(N/E) − LSE_n(−C/ε + f)`` (columns → N/E).
+    ``g = log(N/E) − LSE_n(−C/ε + f)`` over real tokens only (columns → N/E).
+
+    Row-normalising the plan removes f: ``Q = softmax_e(−C/ε + g)`` (method page §1.7), so the column
+    potentials g act as a per-expert bias recomputed for each batch; they are returned centred
+    (the constant log(N/E) and the gauge (f + c, g − c) drop out of Q) for the inference bias ḡ.
+    Padding rows keep a *finite* f and are excluded from the column sums by a mask on the
+    log-sum-exp: a row of −inf would make ``log_softmax`` NaN, and ``torch.where`` does not stop a
+    NaN in backward (one padded batch used to poison every gradient of the model).
     """
     if cost.dim() != 2:
         raise ValueError(f"log_sinkhorn expects a [tokens, experts] cost, got shape {tuple(cost.shape)}")
@@ -47,23 +56,25 @@ def log_sinkhorn(
     logits = -cost.float() / epsilon
     if mask is None:
         mask = torch.ones(n, dtype=torch.bool, device=cost.device)
-    valid = mask.bool()
+    valid = mask.bool()[:, None]
     n_valid = int(valid.sum())
     neg_inf = torch.tensor(float("-inf"), device=cost.device)
     if n_valid == 0:
         zeros = torch.zeros_like(logits)
-        return SinkhornResult(zeros, zeros + neg_inf, zeros.new_zeros(()), zeros.new_zeros(()))
+        return SinkhornResult(zeros, zeros + neg_inf, zeros.new_zeros(()), zeros.new_zeros(()),
+                              logits.new_zeros(e), logits.log_softmax(-1))
 
     log_col = math.log(n_valid / e)
     g = logits.new_zeros(1, e)
-    f = logits.new_zeros(n, 1)
     for _ in range(iters):
-        f = -torch.logsumexp(logits + g, dim=1, keepdim=True)
-        f = torch.where(valid[:, None], f, neg_inf)  # padding rows carry no mass
-        g = log_col - torch.logsumexp(logits + f, dim=0, keepdim=True)
-    log_plan = logits + f + g
-    plan = log_plan.exp()
+        f = -torch.logsumexp(logits + g, dim=1, keepdim=True)  # finite on every row
+        g = log_col - torch.logsumexp(torch.where(valid, logits + f, neg_inf), dim=0, keepdim=True)
+    f = -torch.logsumexp(logits + g, dim=1, keepdim=True) if iters == 0 else f
+    log_plan = torch.where(valid, logits + f + g, neg_inf)
+    plan = torch.where(valid, (logits + f + g).exp(), 0.0)
+    row_log_plan = (logits + g).log_softmax(-1)
     with torch.no_grad():
-        row_error = (plan[valid].sum(1) - 1).abs().max()
+        row_error = (plan[valid[:, 0]].sum(1) - 1).abs().max()
         col_error = ((plan.sum(0) - n_valid / e).abs() / (n_valid / e)).max()
-    return SinkhornResult(plan, log_plan, row_error, col_error)
+    potential = (g - g.mean()).reshape(e)
+    return SinkhornResult(plan, log_plan, row_error, col_error, potential, row_log_plan)

@@ -137,21 +137,37 @@ def test_spectra_routing_finite_and_balanced_across_input_scales(scale):
 def test_autocast_low_precision_is_finite(dtype, variant):
     torch.manual_seed(0)
     block = MoEBlock(MoEConfig.from_variant(variant, hidden_size=32, num_experts=4, router_dim=8))
-    x = torch.randn(2, 8, 32)
+    x = torch.randn(2, 8, 32, requires_grad=True)
     with torch.autocast("cpu", dtype=dtype):
         out = block(x)
-        out.hidden_states.float().sum().backward()
+        (out.hidden_states.float().pow(2).mean() + out.router_loss).backward()
     assert torch.isfinite(out.hidden_states.float()).all()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    grads = {n: p.grad for n, p in block.named_parameters() if p.grad is not None}
+    assert grads, "no parameter received a gradient"
+    assert all(torch.isfinite(g).all() for g in grads.values()), [n for n, g in grads.items() if not torch.isfinite(g).all()]
 
 
+@pytest.mark.parametrize("real", [0, 3])
 @pytest.mark.parametrize("variant", list(spectra.VARIANTS))
-def test_all_padding_batch_is_finite(variant):
+def test_padding_batch_is_finite_in_forward_and_backward(variant, real):
+    """All-padding (real=0) and partly padded (3 real tokens of 10) batches: finite outputs, router loss
+    and gradients; padding tokens get no expert output."""
+    torch.manual_seed(0)
     block = MoEBlock(MoEConfig.from_variant(variant, hidden_size=32, num_experts=4, router_dim=8))
-    x = torch.randn(2, 5, 32)
-    out = block(x, padding_mask=torch.zeros(2, 5, dtype=torch.bool), token_ids=torch.zeros(2, 5, dtype=torch.long))
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask.view(-1)[:real] = True
+    out = block(x, padding_mask=mask, token_ids=torch.arange(10).view(2, 5))
     assert torch.isfinite(out.hidden_states).all()
-    assert torch.all(out.hidden_states == 0)  # padding tokens get no expert output
+    assert torch.all(out.hidden_states[~mask] == 0)  # padding tokens get no expert output
     assert torch.isfinite(out.router_loss)
+    total = out.hidden_states.pow(2).sum() + out.router_loss + 0 * x.sum()  # a graph even when nothing is routed
+    total.backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in block.parameters() if p.grad is not None)
+    if real:
+        assert x.grad[mask].abs().sum() > 0
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 1)])
@@ -240,7 +256,7 @@ def test_params_yaml_is_valid():
         (lambda p: p.update(profile="huge"), "profile='huge' is unknown"),
         (lambda p: p["variants"].update(spectra_plus={}), "variants.spectra_plus"),
         (lambda p: p["runs"].update(x={"variant": "nope", "seed": 0}), "runs.x.variant"),
-        (lambda p: p["profiles"][p["profile"]]["moe"].update(top_k=99), "top_k=99"),
+        (lambda p: p["profiles"]["default"]["moe"].update(top_k=99), "top_k=99"),
         (lambda p: p["variants"]["top2"].update(sinkhorn_epsilon=-1), "variants.top2"),
         (lambda p: p["runs"]["top2-s0"].update(seed="zero"), "runs.top2-s0.seed"),
     ],

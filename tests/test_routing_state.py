@@ -48,7 +48,7 @@ def train_step(model, opt, micro_batches: int, seed: int) -> int:
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
 
 
-@pytest.mark.parametrize("checkpointing", ["none", "non_reentrant", "reentrant"])
+@pytest.mark.parametrize("checkpointing", ["none", "non_reentrant"])
 def test_shared_router_updates_once_per_step(checkpointing):
     model = model_with("spectra", checkpointing)
     (router,) = spectra.routers_of(model)
@@ -119,8 +119,9 @@ def test_per_layer_baseline_routers_update_once_per_step():
         assert train_step(model, opt, micro_batches=2, seed=step) == 2 * LAYERS
         for r, b in zip(routers, bias):
             assert int(r.num_updates) == step
-            # one sign step of size u per optimizer step, not one per layer call / micro-batch
-            assert (r.expert_bias - b).abs().max() <= r.config.bias_update_rate + 1e-9
+            moved = float((r.expert_bias - b).abs().max())
+            # the bias really moves, by one update per optimizer step — not one per layer call / micro-batch
+            assert 0 < moved <= r.config.bias_update_rate + 1e-9
 
 
 def test_non_reentrant_checkpointing_gives_the_same_router_gradients():

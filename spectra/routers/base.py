@@ -66,23 +66,46 @@ class RoutingContext:
         self.stats: dict[int, dict[str, torch.Tensor]] = {}
         self.pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.expression_override: str | None = None  # "batch_mean": the post-hoc expression ablation
+        self.model_grad_enabled: bool | None = None  # autograd mode of the enclosing model call (None: standalone)
+        self.last_layer = -1  # highest MoE layer routed since the last begin_forward
 
     def begin_forward(
         self,
         token_ids: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         continuation: bool = False,
+        model_grad_enabled: bool | None = None,
     ) -> None:
-        """Start a new forward call: reset the depth state, this call's losses and stats."""
+        """Start a new forward call: reset the depth state, this call's losses and stats.
+
+        The upcycled model's forward pre-hook calls it with the call's token ids, padding mask and
+        autograd mode; a standalone `MoEBlock` starts a new call by itself (see `begin_if_new_call`)."""
         self.forward_id += 1
         self.token_ids = token_ids
         self.padding_mask = padding_mask
         self.continuation = continuation
+        self.model_grad_enabled = model_grad_enabled
+        self.last_layer = -1
         self.states = {}
         if not continuation:
             self.seq_states = {}
         self.losses = {}
         self.stats = {}
+
+    def begin_if_new_call(self, layer_idx: int) -> None:
+        """Start a new forward call when MoE layer `layer_idx` was already routed in the current one.
+
+        Depth runs layer 0, 1, …, L−1 inside one call, so a layer index that does not increase means a
+        new call: without this a standalone block (or an inner model called without the top-level
+        hook) would reuse the previous call's depth state, padding mask and token ids whenever the
+        token count matched. Not applied inside backward (activation-checkpoint recomputation re-runs
+        layers of the call being differentiated)."""
+        if layer_idx <= self.last_layer and not _in_backward():
+            self.begin_forward(continuation=False, model_grad_enabled=self.model_grad_enabled)
+
+    def mark_routed(self, layer_idx: int) -> None:
+        if not _in_backward():
+            self.last_layer = max(self.last_layer, layer_idx)
 
     def record(self, layer_idx: int, loss: torch.Tensor, stats: dict[str, torch.Tensor],
                state_update: dict[str, torch.Tensor] | None, training: bool) -> None:
@@ -101,6 +124,15 @@ class RoutingContext:
         if not self.losses:
             return None
         return torch.stack([self.losses[i] for i in sorted(self.losses)]).mean()
+
+
+def _in_backward() -> bool:
+    """True while autograd's engine runs a backward pass (e.g. activation-checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class ReentrantCheckpointError(RuntimeError):
+    """An MoE layer ran without autograd inside a model call with autograd on (reentrant checkpointing)."""
 
 
 class Router(nn.Module):
@@ -137,27 +169,60 @@ class Router(nn.Module):
     def route(self, x: torch.Tensor, call: RoutingCall) -> RouterOutput:
         raise NotImplementedError
 
+    def prepare_forward(self) -> None:
+        """Hook run once per model call, after `RoutingContext.begin_forward` (e.g. shared weights)."""
+
     # ------------------------------------------------------------------ once-per-step state
+    def step_statistics(self, records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Sums over one optimizer step's records (all layers, all micro-batches), with shapes fixed by
+        the config, so they can be summed across processes. Subclasses add their own sums."""
+        like = self.load_ema
+        counts = torch.zeros(self.num_experts, dtype=torch.float32, device=like.device)
+        for r in records:
+            counts += r["counts"].to(counts)
+        stats = {"counts": counts, "records": torch.tensor([float(len(records))], device=like.device)}
+        self._extra_statistics(records, stats)
+        return stats
+
+    def _extra_statistics(self, records: list[dict[str, torch.Tensor]], stats: dict[str, torch.Tensor]) -> None:
+        pass
+
     @torch.no_grad()
     def update_state(self, records: list[dict[str, torch.Tensor]]) -> None:
-        """Apply the records of one optimizer step (all layers, all micro-batches) to the EMAs."""
-        if not records:
+        """Apply one optimizer step's records to the running statistics (method page §1.9).
+
+        The step's sums are all-reduced over `torch.distributed`'s default group when it is initialised,
+        so every process applies the same update from the whole global batch (as Megatron reduces its
+        expert loads); DDP alone would only broadcast rank 0's buffers at the next forward. Every
+        process must call this once per optimizer step, as `step_routers` does."""
+        stats = all_reduce_sum(self.step_statistics(records))
+        if float(stats["records"]) == 0:
             return
-        counts = torch.stack([r["counts"] for r in records]).sum(0)
+        counts = stats["counts"]
         total = counts.sum().clamp_min(1)
         decay = self.config.ema_decay
         self.load_ema.mul_(decay).add_((1 - decay) * counts / total)
         self.num_updates += 1
-        self._update_extra_state(records, counts)
+        self._update_extra_state(stats, counts)
 
-    def _update_extra_state(self, records: list[dict[str, torch.Tensor]], counts: torch.Tensor) -> None:
-        pass
+    def _update_extra_state(self, stats: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
+        """Router-specific running state from the (globally reduced) step sums `stats`."""
 
     def step(self) -> int:
-        """Consume this step's records. Call once after each optimizer step. Returns #records used."""
+        """Consume this step's records. Call once after each optimizer step (on every process).
+        Returns the number of local records used."""
         records = self.ctx.pop_pending()
         self.update_state(records)
         return len(records)
+
+    def check_layer(self, layer_idx: int, slots: int) -> int:
+        """`layer_idx` as an index into per-layer state with `slots` entries, or a clear error."""
+        if not 0 <= layer_idx < slots:
+            raise ValueError(
+                f"{type(self).__name__} keeps per-layer state for {slots} MoE layer(s) but was called for layer "
+                f"{layer_idx}; build the router with MoEConfig(..., extra={{'num_layers': L}}) for L MoE layers "
+                "(spectra.upcycle does this for you).")
+        return layer_idx
 
     def loss_scale(self) -> float:
         """Linear warm-up of the router losses, counted in optimizer steps."""
@@ -191,6 +256,23 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     m = mask.to(values.dtype)
     shape = (-1,) + (1,) * (values.dim() - 1)
     return (values * m.view(shape)).sum(0) / m.sum().clamp_min(1.0)
+
+
+def all_reduce_sum(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum every tensor of `stats` over the default process group (one collective), if initialised."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    names = sorted(stats)
+    flat = torch.cat([stats[k].reshape(-1).float() for k in names])
+    dist.all_reduce(flat)
+    out, offset = {}, 0
+    for k in names:
+        n = stats[k].numel()
+        out[k] = flat[offset:offset + n].view_as(stats[k]).to(stats[k].dtype)
+        offset += n
+    return out
 
 
 def to_stats(**values: Any) -> dict[str, torch.Tensor]:

@@ -3,6 +3,8 @@ similarity, expert Gram matrix, OSR cost, Sinkhorn in training, causal softmax a
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +49,8 @@ class _QR(nn.Module):
 
 
 _NORM_EPS = 1e-12  # F.normalize's default
+#: router -> (key, W_p) of the current forward call (outside the module, so deepcopy/pickle never see it)
+_WEIGHT_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 class _CosineAndMean(torch.autograd.Function):
@@ -161,8 +165,14 @@ class SpectraRouter(Router):
         else:  # no_expression ablation: learned per-expert vectors u_e
             self.expert_vectors = nn.Parameter(torch.randn(e, r) / r**0.5)
         layers = max(1, int(config.extra.get("num_layers", 1)))
-        self.register_buffer("ebar_ema", torch.zeros(layers, e, r))
-        self.register_buffer("ebar_ready", torch.zeros(layers, dtype=torch.bool))
+        self.num_layers = layers
+        # Running statistics per MoE layer (once per optimizer step, §1.9), zero-initialised EMAs with
+        # Adam-style bias correction (m_t / (1 − d^t)): no single early batch dominates the estimate.
+        self.register_buffer("ebar_acc", torch.zeros(layers, e, r))  #: raw EMA of the step's mean p̂
+        self.register_buffer("ebar_ema", torch.zeros(layers, e, r))  #: Ē at inference: row_normalise(ebar_acc)
+        self.register_buffer("ebar_steps", torch.zeros(layers, dtype=torch.long))
+        self.register_buffer("potential_acc", torch.zeros(layers, e))  #: raw EMA of the centred potentials g
+        self.register_buffer("potential_steps", torch.zeros(layers, dtype=torch.long))
 
     # ------------------------------------------------------------------ pieces
     def _context(self, x: torch.Tensor, call: RoutingCall) -> torch.Tensor:
@@ -194,22 +204,34 @@ class SpectraRouter(Router):
         n, e, r = x.shape[0], self.num_experts, self.router_dim
         if self.config.expression == "learned":
             return self.expert_vectors.unsqueeze(0).expand(n, e, r)
-        p = self.projector(x).view(n, e, r)
+        p = F.linear(x, self.forward_projector_weight()).view(n, e, r)
         if self.ctx.expression_override == "batch_mean":  # post-hoc expression ablation (§5)
             p = masked_mean(p, mask).unsqueeze(0).expand(n, e, r)
         return p
 
+    @property
+    def ebar_ready(self) -> torch.Tensor:
+        """[L] bool: layers whose inference Ē EMA has received at least one optimizer step."""
+        return self.ebar_steps > 0
+
+    def inference_potential(self, layer: int) -> torch.Tensor | None:
+        """ḡ_ℓ, the bias-corrected running mean of layer ℓ's centred Sinkhorn column potentials, or None
+        before any training step (§1.7, balanced inference)."""
+        steps = int(self.potential_steps[layer])
+        if steps == 0:
+            return None
+        return self.potential_acc[layer] / (1.0 - self.config.ema_decay ** steps)
+
     def gram(self, p_hat: torch.Tensor, mask: torch.Tensor | None, layer: int,
              p_hat_mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(G, Ē): batch Ē in training, its EMA at inference (identity G before any training step).
-        `p_hat_mean` = masked_mean(p̂, mask) when already computed (then `p_hat` only gives dtype/device)."""
+        """(G, Ē): batch Ē in training, its EMA at inference (identity G and Ē = None before any
+        training step). `p_hat_mean` = masked_mean(p̂, mask) when already computed."""
         e = self.num_experts
         if self.training:
             ebar = F.normalize(masked_mean(p_hat, mask) if p_hat_mean is None else p_hat_mean, dim=-1)
             return ebar @ ebar.t(), ebar
-        slot = min(layer, self.ebar_ema.shape[0] - 1)
-        if bool(self.ebar_ready[slot]):
-            ebar = self.ebar_ema[slot].to(p_hat.dtype)
+        if int(self.ebar_steps[layer]) > 0:
+            ebar = self.ebar_ema[layer].to(p_hat.dtype)
             return ebar @ ebar.t(), ebar
         return torch.eye(e, device=p_hat.device, dtype=p_hat.dtype), None
 
@@ -227,29 +249,36 @@ class SpectraRouter(Router):
     # ------------------------------------------------------------------ forward
     def route(self, x: torch.Tensor, call: RoutingCall) -> RouterOutput:
         cfg, k = self.config, self.top_k
+        layer = self.check_layer(call.layer_idx, self.num_layers)
         dtype = self.context_out.weight.dtype
         x = x.to(dtype)  # routing in the router's precision (fp32), whatever the activations
         mask = call.mask
-        r = self._context(x, call).view(x.shape[0], self.num_experts, self.router_dim)
+        n = x.shape[0]
+        r = self._context(x, call).view(n, self.num_experts, self.router_dim)
         p = self.expression(x, mask)
         # S = cos(r, p) [N, E] and masked_mean_n p̂ (for Ē) in one fused pass (= F.normalize, product, sum)
         s, p_hat_mean = cosine_and_mean(r, p, mask, with_mean=self.training)
-        g, ebar = self.gram(p, mask, call.layer_idx, p_hat_mean=p_hat_mean)
+        g, ebar = self.gram(p, mask, layer, p_hat_mean=p_hat_mean)
         c = self.cost(s, g)
         logits = -c / cfg.sinkhorn_epsilon
         log_soft = logits.log_softmax(-1)
+        potential = self.inference_potential(layer) if self._uses_potential() else None
+        # the inference rule: softmax(−C/ε) [+ ḡ_ℓ, balanced causal inference, §1.7]
+        log_eval = log_soft if potential is None else (logits + potential.to(logits)).log_softmax(-1)
 
         stats: dict[str, torch.Tensor] = {}
         losses: dict[str, torch.Tensor] = {}
+        state_update: dict[str, torch.Tensor] = {}
         if self.training and cfg.use_sinkhorn:
             sk = log_sinkhorn(c, cfg.sinkhorn_epsilon, cfg.sinkhorn_iters, mask)
-            valid = mask[:, None] if mask is not None else torch.ones_like(logits[:, :1], dtype=torch.bool)
-            log_q = torch.where(valid, sk.log_plan.log_softmax(-1), log_soft)  # row-normalised log Q
+            log_q = sk.row_log_plan  # row-normalised plan Q = softmax(−C/ε + g): finite on padding rows too
             stats.update(sinkhorn_row_error=sk.row_error, sinkhorn_col_error=sk.col_error)
-        else:
+            state_update["potential"] = sk.col_potential.detach()
+        elif self.training:
             log_q = log_soft
-        select = log_q
-        topk_index = select.topk(k, dim=-1).indices  # [N, k]
+        else:
+            log_q = log_eval
+        topk_index = log_q.topk(k, dim=-1).indices  # [N, k]
         weight_source = log_q if cfg.weights_from == "sinkhorn" else log_soft
         weight = weight_source.gather(-1, topk_index).softmax(-1)  # selected values renormalised to 1
         probs = log_q.exp()
@@ -257,40 +286,89 @@ class SpectraRouter(Router):
         if self.training:
             scale = self.loss_scale()
             if cfg.entropy_loss_coef:
-                entropy = -(probs * log_q.clamp_min(-1e4)).sum(-1)
+                entropy = -(probs * log_q).sum(-1)
                 losses["entropy"] = scale * cfg.entropy_loss_coef * masked_mean(entropy, mask)
             if cfg.ortho_loss_coef:
                 eye = torch.eye(g.shape[0], device=g.device, dtype=g.dtype)
                 losses["ortho"] = scale * cfg.ortho_loss_coef * (g - eye).pow(2).sum()
-            eval_index = log_soft.topk(k, dim=-1).indices
-            agree = (topk_index.unsqueeze(-1) == eval_index.unsqueeze(-2)).any(-1).float().mean(-1)
-            stats["train_eval_agreement"] = masked_mean(agree, mask)
+            if cfg.use_sinkhorn:  # train and eval rules differ only with Sinkhorn in training
+                eval_index = log_eval.topk(k, dim=-1).indices
+                agree = (topk_index.unsqueeze(-1) == eval_index.unsqueeze(-2)).any(-1).float().mean(-1)
+                stats["train_eval_agreement"] = masked_mean(agree, mask)
 
-        n = x.shape[0]
         token_index = torch.arange(n, device=x.device).repeat(k)  # slot-major: first choices first
         expert_index = topk_index.t().reshape(-1)
-        eye = torch.eye(g.shape[0], device=g.device, dtype=g.dtype)
-        stats.update(to_stats(gram_residual=torch.linalg.matrix_norm(g - eye), mean_similarity=masked_mean(s, mask).mean()))
-        state_update = {}
-        if self.training and ebar is not None:
-            state_update["ebar"] = ebar.detach()
-            state_update["layer"] = torch.tensor(call.layer_idx)
+        stats["mean_similarity"] = masked_mean(s, mask).mean().detach()
+        if ebar is not None:  # G before any training step is not a measurement: report nothing
+            eye = torch.eye(g.shape[0], device=g.device, dtype=g.dtype)
+            stats["gram_residual"] = torch.linalg.matrix_norm(g - eye).detach()
+        if self.training and p_hat_mean is not None:
+            n_real = mask.sum().to(p_hat_mean) if mask is not None else p_hat_mean.new_tensor(float(n))
+            state_update["ebar_sum"] = (p_hat_mean * n_real).detach()  # Σ_n p̂ over real tokens
+            state_update["tokens"] = n_real.detach().reshape(1)
+            state_update["layer"] = torch.tensor(layer)
         state_update["counts"] = load_counts(expert_index, self.num_experts, token_index, mask)
         return RouterOutput(token_index, expert_index, weight.reshape(n, k).t().reshape(-1), probs, topk_index,
                             losses, stats, state_update)
 
-    def _update_extra_state(self, records: list[dict[str, torch.Tensor]], counts: torch.Tensor) -> None:
-        decay = self.config.ema_decay
-        by_layer: dict[int, list[torch.Tensor]] = {}
+    def _uses_potential(self) -> bool:
+        return self.config.inference_bias == "potential" and self.config.use_sinkhorn and not self.training
+
+    # ------------------------------------------------------------------ once-per-step state
+    def _extra_statistics(self, records: list[dict[str, torch.Tensor]], stats: dict[str, torch.Tensor]) -> None:
+        like = self.ebar_acc
+        ebar_sum, tokens = torch.zeros_like(like), torch.zeros(like.shape[0], device=like.device)
+        pot_sum, pot_tokens = torch.zeros_like(self.potential_acc), torch.zeros_like(tokens)
         for rec in records:
-            if "ebar" in rec:
-                by_layer.setdefault(min(int(rec["layer"]), self.ebar_ema.shape[0] - 1), []).append(rec["ebar"])
-        for layer, ebars in by_layer.items():
-            new = torch.stack(ebars).mean(0).to(self.ebar_ema.dtype)
-            if bool(self.ebar_ready[layer]):
-                new = decay * self.ebar_ema[layer] + (1 - decay) * new
-            self.ebar_ema[layer] = F.normalize(new, dim=-1)
-            self.ebar_ready[layer] = True
+            if "ebar_sum" not in rec:
+                continue
+            layer = int(rec["layer"])
+            ebar_sum[layer] += rec["ebar_sum"].to(like)
+            tokens[layer] += rec["tokens"].to(tokens).reshape(())
+            if "potential" in rec:
+                pot_sum[layer] += rec["potential"].to(like) * rec["tokens"].to(like).reshape(())
+                pot_tokens[layer] += rec["tokens"].to(tokens).reshape(())
+        stats.update(ebar_sum=ebar_sum, ebar_tokens=tokens, potential_sum=pot_sum, potential_tokens=pot_tokens)
+
+    def _update_extra_state(self, stats: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
+        """Ē_ℓ and ḡ_ℓ EMAs from the step's token-weighted global means (zero-initialised, bias-corrected)."""
+        decay = self.config.ema_decay
+        tokens = stats["ebar_tokens"]
+        for layer in (tokens > 0).nonzero().flatten().tolist():
+            t = tokens[layer]
+            mean_p = stats["ebar_sum"][layer] / t  # global mean p̂ of this step's real tokens
+            self.ebar_acc[layer].mul_(decay).add_((1 - decay) * mean_p)
+            self.ebar_steps[layer] += 1
+            self.ebar_ema[layer] = F.normalize(self.ebar_acc[layer], dim=-1)  # row-normalising removes 1 − d^t
+        pot_tokens = stats["potential_tokens"]
+        for layer in (pot_tokens > 0).nonzero().flatten().tolist():
+            mean_g = stats["potential_sum"][layer] / pot_tokens[layer]
+            self.potential_acc[layer].mul_(decay).add_((1 - decay) * mean_g)
+            self.potential_steps[layer] += 1
 
     def projector_weight(self) -> torch.Tensor | None:
         return None if self.config.expression == "learned" else self.projector.weight
+
+    def forward_projector_weight(self) -> torch.Tensor:
+        """W_p for this forward call, computed once and shared by every MoE layer of the call.
+
+        A parametrised projector (``param``: Cayley map, ``ns``, ``qr``) recomputes W_p from its
+        unconstrained parameter at every access — once per layer and again in backward. The cache is
+        keyed by the forward call, the autograd mode and the parameters' in-place version counters, so an
+        optimizer step or a new call always recomputes it. `prepare_forward` fills it before the first
+        layer (outside any activation-checkpointed segment, so a recomputation sees the same graph)."""
+        params = tuple(self.projector.parameters())
+        key = (self.ctx.forward_id, torch.is_grad_enabled(), tuple(p._version for p in params),
+               tuple(p.data_ptr() for p in params))
+        cached = _WEIGHT_CACHE.get(self)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        weight = self.projector.weight
+        _WEIGHT_CACHE[self] = (key, weight)
+        return weight
+
+    def prepare_forward(self) -> None:
+        """Called by the model's forward pre-hook after `RoutingContext.begin_forward`."""
+        _WEIGHT_CACHE.pop(self, None)
+        if self.config.expression == "projector" and parametrize.is_parametrized(self.projector):
+            self.forward_projector_weight()
