@@ -25,6 +25,8 @@ ROUTER_NAMES = (
     "hash",
     "base",
     "aux_free",
+    "ssr",
+    "gramspec",
 )
 
 #: Paper variants: SPECTRA, its five ablations (method page §2) and the baselines (§3).
@@ -43,9 +45,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hash": {"router": "hash", "top_k": 1},
     "base": {"router": "base", "top_k": 1},
     "aux_free": {"router": "aux_free"},
+    "ssr": {"router": "ssr"},
+    "gramspec": {"router": "gramspec"},
 }
 ABLATIONS = ("no_context", "no_expression", "no_sinkhorn", "no_repulsion", "no_ortho")
-BASELINES = ("dense", "switch_top1", "top2", "gshard_top2", "expert_choice", "hash", "base", "aux_free")
+BASELINES = ("dense", "switch_top1", "top2", "gshard_top2", "expert_choice", "hash", "base", "aux_free", "ssr",
+             "gramspec")
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "router": ROUTER_NAMES,
@@ -53,6 +58,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "projector_ortho": ("param", "ns", "qr", "init", "none"),
     "expression": ("projector", "learned"),
     "weights_from": ("sinkhorn", "softmax"),
+    "aux_free_scores": ("sigmoid", "softmax"),
+    "inference_bias": ("potential", "none"),
 }
 
 
@@ -74,11 +81,26 @@ class MoEConfig:
         expression ∈ {projector, learned} (`learned` = the no_expression ablation, S = cos(r, u_e));
         repulsion_weight λ; hinge_weight β and hinge_threshold τ (β = 0: off); use_sinkhorn;
         sinkhorn_iters; sinkhorn_epsilon ε; weights_from ∈ {sinkhorn, softmax};
+        inference_bias ∈ {potential, none}: at inference add ḡ_ℓ, the running mean of layer ℓ's Sinkhorn
+        column potentials, to −C/ε (the row-normalised plan is softmax(−C/ε + g), §1.7), so inference
+        keeps training's balance while staying causal (ḡ is a fixed statistic, no other token involved);
         entropy_loss_coef λ_ent; ortho_loss_coef λ_ortho; loss_warmup_steps (linear, in optimizer
         steps); ema_decay for the expert-expression and load EMAs.
     Baselines (§3)
-        aux_loss_coef (Switch/HF load-balancing loss E·Σ f_e P_e); z_loss_coef; bias_update_rate
-        (aux_free); base_sinkhorn_iters (BASE balanced assignment).
+        aux_loss_coef (Switch/HF load-balancing loss E·Σ f_e P_e; top-k family and gramspec); z_loss_coef;
+        aux_free_scores ∈ {sigmoid, softmax}: the normalised scores s that aux_free selects on as s + b
+        (sigmoid: DeepSeek-V3; softmax: Loss-Free Balancing's other gate); bias_update_rate u of
+        b ← b + u·sign(mean load − load), calibrated so that the bias balances within a 60–300-step run
+        (see `spectra.routers.topk.AuxFreeRouter`); ssr_fraction: the fraction of training steps on which
+        `ssr` routes by the Sinkhorn plan (deterministic in the step counter), ssr_sinkhorn_iters its
+        Sinkhorn rounds on those steps.
+    Upcycling
+        unit_combine: divide each token's combine weights by the stop-gradient of their sum, so they sum to
+        exactly 1 (identical experts reproduce the dense MLP at step 0) while the gate keeps its gradient
+        (for k = 1: w = s / sg(s), value 1, gradient ∝ ∇log s). Only changes routers whose published
+        weights do not sum to 1 (switch_top1's raw top-1 probability, BASE's sigmoid gate). None (default):
+        on when `spectra.upcycle` builds the model (a dense start), off when a block is built from scratch
+        (each baseline keeps its paper's weighting); True / False force it.
     Dispatch
         capacity_factor: None = dropless; else a hard cap ⌈cf·N·k/E⌉ per expert (tokens over it pass
         through the residual). capacity_in_eval: also cap at inference (off: keeps decoding causal).
@@ -102,6 +124,7 @@ class MoEConfig:
     sinkhorn_iters: int = 3
     sinkhorn_epsilon: float = 0.05
     weights_from: str = "sinkhorn"
+    inference_bias: str = "potential"
     entropy_loss_coef: float = 0.1
     ortho_loss_coef: float = 0.01
     loss_warmup_steps: int = 0
@@ -109,8 +132,12 @@ class MoEConfig:
     # baselines
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
-    bias_update_rate: float = 1e-3
-    base_sinkhorn_iters: int = 8
+    aux_free_scores: str = "sigmoid"
+    bias_update_rate: float = 1e-2
+    ssr_fraction: float = 0.01
+    ssr_sinkhorn_iters: int = 20
+    # upcycling
+    unit_combine: bool | None = None
     # dispatch
     capacity_factor: float | None = None
     capacity_in_eval: bool = False
@@ -139,7 +166,7 @@ class MoEConfig:
                 f"MoEConfig.top_k={self.top_k} > num_experts={self.num_experts}: a token cannot use more experts "
                 f"than exist; choose top_k in 1..{self.num_experts}."
             )
-        for name in ("router_dim", "sinkhorn_iters", "ns_steps", "base_sinkhorn_iters"):
+        for name in ("router_dim", "sinkhorn_iters", "ns_steps", "ssr_sinkhorn_iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"MoEConfig.{name}={value!r}: must be a positive integer.")
@@ -155,8 +182,17 @@ class MoEConfig:
             raise ConfigError(
                 f"MoEConfig.capacity_factor={self.capacity_factor!r}: must be > 0, or None for dropless routing."
             )
+        if self.router == "base" and self.top_k != 1:
+            raise ConfigError(f"MoEConfig.top_k={self.top_k} with router='base': BASE layers assign each token to exactly "
+                              "one expert; use top_k=1 (the 'base' variant's preset).")
         if self.router == "expert_choice" and self.capacity_factor is None:
             raise ConfigError("MoEConfig.capacity_factor=None with router='expert_choice': expert choice needs a capacity factor (e.g. 1.0).")
+        if not (isinstance(self.ssr_fraction, (int, float)) and 0.0 < self.ssr_fraction <= 1.0):
+            raise ConfigError(f"MoEConfig.ssr_fraction={self.ssr_fraction!r}: must be in (0, 1] (the fraction of "
+                              "training steps routed by the Sinkhorn plan; 1 = every step).")
+        if self.unit_combine not in (None, True, False):
+            raise ConfigError(f"MoEConfig.unit_combine={self.unit_combine!r}: must be True, False or None (= on when "
+                              "upcycled, off from scratch).")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"MoEConfig.ema_decay={self.ema_decay!r}: must be in [0, 1).")
         for name in ("repulsion_weight", "hinge_weight", "entropy_loss_coef", "ortho_loss_coef", "aux_loss_coef",

@@ -8,7 +8,7 @@ scale the same code to several devices unchanged. What it guarantees:
 * separate learning rates for router, experts and the rest (AdamW, cosine schedule with warm-up;
   no weight decay on router parameters, biases and norms);
 * router running statistics updated exactly once per optimizer step (`step_routers`);
-* per-step JSONL log: loss, router losses, per-layer load CV, MaxVio, entropy, dead experts;
+* per-step JSONL log: loss, router losses, per-layer load CV, MaxVio, entropy, dead experts, dropped fraction;
 * resumable: an atomic checkpoint (model, optimizer, scheduler, RNG, step, log offset) every
   `save_every` steps; re-running resumes from it and ends with the same final metrics.
 """
@@ -129,12 +129,14 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, settings: TrainSettings) -
 
 # ---------------------------------------------------------------------- logging
 def routing_log(outputs: Any) -> dict[str, Any]:
-    """Per-layer load CV, MaxVio, entropy and dead-expert fraction from a model output."""
+    """Per-layer load CV, MaxVio, entropy, dead-expert fraction and dropped fraction (real tokens that a
+    capacity or expert choice left to the residual path; 0 when dropless) from a model output."""
     stats = getattr(outputs, "routing_stats", None) or {}
     record: dict[str, Any] = {}
     for name, key in (("load_cv", "cv"), ("max_vio", "max_vio"), ("dead_fraction", "dead_fraction")):
         record[name] = [metrics.summarise_load(s["tokens_per_expert"])[key] for s in stats.values()]
     record["entropy"] = [float(s["routing_entropy"]) for s in stats.values()]
+    record["dropped_fraction"] = [float(s["dropped_fraction"]) for s in stats.values()]
     return record
 
 

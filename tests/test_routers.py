@@ -162,6 +162,11 @@ def test_block_capacity_never_exceeded(n, cf, seed):
         ({"router": "softmax_magic"}, "router"),
         ({"context": "sideways"}, "context"),
         ({"projector_ortho": "maybe"}, "projector_ortho"),
+        ({"aux_free_scores": "tanh"}, "aux_free_scores"),
+        ({"ssr_fraction": 0.0}, "ssr_fraction"),
+        ({"ssr_fraction": 1.5}, "ssr_fraction"),
+        ({"ssr_sinkhorn_iters": 0}, "ssr_sinkhorn_iters"),
+        ({"unit_combine": "yes"}, "unit_combine"),
     ],
 )
 def test_impossible_configs_raise_naming_the_field(kwargs, field):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from ..config import ROUTER_NAMES, ConfigError, MoEConfig
-from .balanced import BaseLayerRouter, ExpertChoiceRouter, HashRouter
+from .balanced import BaseLayerRouter, ExpertChoiceRouter, HashRouter, balanced_assignment
 from .base import Router, RouterOutput, RoutingCall, RoutingContext
 from .capacity import capacity_keep
+from .gramspec import GramSpecRouter
 from .spectra import SpectraRouter, newton_schulz_orthogonalise, semi_orthogonality_residual
-from .topk import AuxFreeRouter, TopKRouter, load_balancing_loss
+from .ssr import SelectiveSinkhornRouter
+from .topk import AuxFreeRouter, TopKRouter, combine_weights, load_balancing_loss
 
 ROUTERS: dict[str, type[Router]] = {
     "spectra": SpectraRouter,
@@ -18,6 +20,8 @@ ROUTERS: dict[str, type[Router]] = {
     "expert_choice": ExpertChoiceRouter,
     "hash": HashRouter,
     "base": BaseLayerRouter,
+    "ssr": SelectiveSinkhornRouter,
+    "gramspec": GramSpecRouter,
 }
 assert set(ROUTERS) == set(ROUTER_NAMES)
 
@@ -32,7 +36,8 @@ def build_router(config: MoEConfig) -> Router:
 
 
 __all__ = [
-    "ROUTERS", "AuxFreeRouter", "BaseLayerRouter", "ExpertChoiceRouter", "HashRouter", "Router", "RouterOutput",
-    "RoutingCall", "RoutingContext", "SpectraRouter", "TopKRouter", "build_router", "capacity_keep",
-    "load_balancing_loss", "newton_schulz_orthogonalise", "semi_orthogonality_residual",
+    "ROUTERS", "AuxFreeRouter", "BaseLayerRouter", "ExpertChoiceRouter", "GramSpecRouter", "HashRouter", "Router",
+    "RouterOutput", "RoutingCall", "RoutingContext", "SelectiveSinkhornRouter", "SpectraRouter", "TopKRouter",
+    "balanced_assignment", "build_router", "capacity_keep", "combine_weights", "load_balancing_loss",
+    "newton_schulz_orthogonalise", "semi_orthogonality_residual",
 ]
