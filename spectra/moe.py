@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -19,12 +20,22 @@ from torch import nn
 
 from .config import MoEConfig
 from .experts import GroupedExperts, group_experts
+from .metrics import routing_entropy_tensor
 from .routers import Router, RoutingCall, build_router, capacity_keep
-from .routers.base import masked_mean
+from .routers.base import ReentrantCheckpointError, masked_mean
 
 
 class NonFiniteInputError(FloatingPointError):
     """NaN or inf reached an MoE layer; the message names the layer."""
+
+
+def _non_finite_message(layer_idx: int, name: str) -> str:
+    return (f"non-finite values (NaN or inf) in the input of MoE layer {layer_idx} ('{name}'); "
+            "the model diverged upstream of this layer — lower the learning rate or check the inputs.")
+
+
+#: CUDA: the per-layer finiteness flags not yet checked (`MoEBlock.check_finite`), per thread
+_PENDING_FINITE = threading.local()
 
 
 @dataclass
@@ -83,10 +94,14 @@ class MoEBlock(nn.Module):
         if len(experts) != config.num_experts:
             raise ValueError(f"MoEBlock got {len(experts)} experts but MoEConfig.num_experts={config.num_experts}.")
         self.experts = experts if isinstance(experts, GroupedExperts) else nn.ModuleList(experts)
-        if router is None:
-            self.own_router = build_router(config)
+        if router is None:  # an own router keeps per-layer state up to this block's layer index
+            layers = max(int(config.extra.get("num_layers", 1)), layer_idx + 1)
+            self.own_router = build_router(config.replace(extra={**config.extra, "num_layers": layers}))
         else:
             self.__dict__["_shared_router"] = router  # not a submodule: the owner saves it once
+        slots = getattr(self.router, "num_layers", None)
+        if slots is not None:  # per-layer running state (SPECTRA's Ē and ḡ): one slot per MoE layer
+            self.router.check_layer(layer_idx, slots)
 
     @property
     def router(self) -> Router:
@@ -126,12 +141,10 @@ class MoEBlock(nn.Module):
         shape = hidden_states.shape
         if shape[-1] != cfg.hidden_size:
             raise ValueError(f"{self.name}: hidden size {shape[-1]} does not match MoEConfig.hidden_size={cfg.hidden_size}.")
-        if not torch.isfinite(hidden_states).all():
-            raise NonFiniteInputError(
-                f"non-finite values (NaN or inf) in the input of MoE layer {self.layer_idx} ('{self.name}'); "
-                "the model diverged upstream of this layer — lower the learning rate or check the inputs.")
+        self.check_finite(hidden_states)
         x = hidden_states.reshape(-1, shape[-1])
         ctx = router.ctx
+        ctx.begin_if_new_call(self.layer_idx)
         n = x.shape[0]
         mask = _flat(padding_mask if padding_mask is not None else ctx.padding_mask, n, torch.bool)
         ids = _flat(token_ids if token_ids is not None else ctx.token_ids, n, torch.long)
@@ -142,20 +155,47 @@ class MoEBlock(nn.Module):
         router_loss, losses, stats = routed.router_loss, routed.losses, routed.stats
         return MoEOutput(y.reshape(shape), router_loss, losses, stats)
 
+    def check_finite(self, hidden_states: torch.Tensor) -> None:
+        """Raise `NonFiniteInputError` (naming the layer) when the input holds NaN or inf.
+
+        CPU: checked here — one fp32 sum (finite ⟹ every element finite), the element-wise test only
+        when the sum is not. CUDA: no host synchronisation per layer — the flag stays on the device and
+        the model's last MoE layer (``layer_idx == config.extra["num_layers"] − 1``; a standalone block:
+        every call) checks the flags of all layers since the last check at once: one sync per forward."""
+        if not hidden_states.is_cuda:
+            if not (torch.isfinite(hidden_states.sum(dtype=torch.float32)) or torch.isfinite(hidden_states).all()):
+                raise NonFiniteInputError(_non_finite_message(self.layer_idx, self.name))
+            return
+        pending = _PENDING_FINITE.__dict__.setdefault("flags", [])
+        pending.append((self.layer_idx, self.name, torch.isfinite(hidden_states).all()))
+        if self.layer_idx < int(self.config.extra.get("num_layers", 1)) - 1:
+            return
+        entries = list(pending)
+        pending.clear()
+        flags = torch.stack([flag for _, _, flag in entries])
+        if not bool(flags.all()):  # the one synchronisation of this forward
+            layer_idx, name, _ = entries[flags.tolist().index(False)]
+            raise NonFiniteInputError(_non_finite_message(layer_idx, name))
+
     def dispatch(self, x: torch.Tensor, token_index: torch.Tensor, expert_index: torch.Tensor,
                  weight: torch.Tensor) -> torch.Tensor:
         """y[n] = Σ_m w_m · expert_{e_m}(x[n]) over assignments m of token n.
 
         One stable sort groups the assignments by expert; each expert runs once on its contiguous
         chunk. `GroupedExperts` do the gather, the per-expert matmuls and the weighted scatter in one
-        autograd function with a hand-written backward (`spectra.experts`); a ``ModuleList`` of
-        arbitrary experts uses split / per-expert call / ``index_add``.
+        autograd function with a hand-written backward (`spectra.experts`); on CUDA they take the
+        sync-free tiled path instead (`GroupedExperts.forward_tiled`: the expert counts never go to the
+        host). A ``ModuleList`` of arbitrary experts uses split / per-expert call / ``index_add`` (the
+        split sizes are a host sync per layer on CUDA).
         """
         order = torch.argsort(expert_index, stable=True)
         token_sorted = token_index[order]
-        counts = torch.bincount(expert_index, minlength=len(self.experts)).tolist()
         if isinstance(self.experts, GroupedExperts):
+            if self.experts.use_sync_free(x):
+                return self.experts.forward_tiled(x, token_sorted, expert_index[order], weight[order])
+            counts = torch.bincount(expert_index, minlength=len(self.experts)).tolist()
             return self.experts(x, token_sorted, weight[order], counts)
+        counts = torch.bincount(expert_index, minlength=len(self.experts)).tolist()
         chunks = x[token_sorted].split(counts)
         outputs = [self.experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e] > 0]
         y = x.new_zeros(x.shape)
@@ -183,7 +223,16 @@ def route_tokens(router: Router, cfg: MoEConfig, call: RoutingCall, x: torch.Ten
     """Route N tokens: the router's assignments, minus padding tokens, within the hard capacity
     ⌈cf·N·k/E⌉ (in priority order) when set; statistics recorded once per (forward, layer)."""
     n, mask = x.shape[0], call.mask
+    ctx = router.ctx
+    if training and ctx.model_grad_enabled and not torch.is_grad_enabled():
+        raise ReentrantCheckpointError(
+            f"MoE layer {call.layer_idx} ran without autograd inside a training call of the model that has autograd "
+            "enabled: this is reentrant activation checkpointing (use_reentrant=True), under which the router "
+            "losses and the depth state get no gradient. Use non-reentrant checkpointing: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
+            "(the transformers default), or torch.utils.checkpoint.checkpoint(..., use_reentrant=False).")
     out = router(x, call)
+    ctx.mark_routed(call.layer_idx)
     tok, exp, w = out.token_index, out.expert_index, out.weight
     keep = mask[tok] if mask is not None else None
     real_assigned = int(keep.sum()) if keep is not None else exp.numel()
@@ -204,7 +253,7 @@ def route_tokens(router: Router, cfg: MoEConfig, call: RoutingCall, x: torch.Ten
         "num_tokens": torch.tensor(float(mask.sum()) if mask is not None else float(n)),
         "dropped_fraction": torch.tensor(1.0 - exp.numel() / max(1, real_assigned)),
         "router_probs_mean": masked_mean(out.probs.detach().float(), mask),
-        "routing_entropy": _normalised_entropy(out.probs.detach(), mask),
+        "routing_entropy": routing_entropy_tensor(out.probs, mask),
         **out.stats,
     }
     if out.topk_index is not None:
@@ -219,9 +268,3 @@ def _flat(t: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor | 
     if t is None or t.numel() != n:
         return None
     return t.reshape(-1).to(dtype)
-
-
-def _normalised_entropy(probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    p = probs.float().clamp_min(1e-12)
-    h = -(p * p.log()).sum(-1) / math.log(p.shape[-1])
-    return h.mean() if mask is None else (h * mask.float()).sum() / mask.float().sum().clamp_min(1)

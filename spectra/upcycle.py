@@ -34,6 +34,8 @@ to be called once after each optimizer step (`RoutingStateCallback` does it insi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import inspect
 import os
 from typing import Any, Callable, Iterator, Sequence
@@ -41,6 +43,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.utils import ModelOutput
 
 from .config import VARIANTS, ConfigError, MoEConfig
 from .moe import MoEBlock, _flat, route_tokens
@@ -335,6 +338,7 @@ class SwappedGate(_Routed):
         x = hidden_states.reshape(-1, cfg.hidden_size)
         n = x.shape[0]
         ctx = router.ctx
+        ctx.begin_if_new_call(self.layer_idx)
         mask = _flat(ctx.padding_mask, n, torch.bool)
         ids = _flat(ctx.token_ids, n, torch.long)
         ref = ctx.token_ids if ids is not None else (ctx.padding_mask if mask is not None else None)
@@ -408,8 +412,10 @@ def _begin_forward_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     else:
         mask = None
     continuation = _past_length(bound.get("past_key_values"), bound.get("cache_position")) > 0
+    grad = torch.is_grad_enabled()
     for router in routers:
-        router.ctx.begin_forward(ids, mask, continuation)
+        router.ctx.begin_forward(ids, mask, continuation, model_grad_enabled=grad)
+        router.prepare_forward()
     return None
 
 
@@ -434,10 +440,21 @@ def _finish_forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: A
     for b in blocks:
         for name, value in b.last_losses().items():
             named.setdefault(name, []).append(value)
-    output["router_loss"] = router_loss
-    output["router_losses"] = {k: torch.stack(v).mean() for k, v in named.items()}
-    output["routing_stats"] = routing_stats(module)
+    extras = {"router_loss": router_loss, "router_losses": {k: torch.stack(v).mean() for k, v in named.items()},
+              "routing_stats": routing_stats(module)}
+    if isinstance(output, ModelOutput):  # a ModelOutput whose fields include the extras (DDP rebuilds it by field)
+        return _with_routing_fields(type(output))(**output, **extras)
+    output.update(extras)
     return output
+
+
+@functools.cache
+def _with_routing_fields(cls: type) -> type:
+    """``cls`` (a transformers ModelOutput dataclass) plus the fields `OUTPUT_KEYS`. DDP with
+    ``find_unused_parameters=True`` flattens the output and rebuilds it as ``type(output)(**fields)``;
+    keys added to a plain ``CausalLMOutputWithPast`` make that rebuild fail."""
+    return dataclasses.make_dataclass(cls.__name__, [(k, Any, None) for k in OUTPUT_KEYS], bases=(cls,),
+                                      namespace={"__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 def _install(model: nn.Module, routers: nn.ModuleList, blocks: list[_Routed], settings: dict[str, Any]) -> None:
@@ -586,9 +603,16 @@ def upcycle(model: nn.Module, router: str | MoEConfig = "spectra", num_experts: 
         noise_std: relative Gaussian noise added to each expert copy (0: identical experts, so the
             upcycled model reproduces the dense logits when the combine weights sum to 1).
         **config_overrides: any other `MoEConfig` field (router_dim=64, sinkhorn_iters=5, …).
+
+    ``MoEConfig.unit_combine`` left at None becomes True: every causal router then starts from the
+    dense function (switch_top1's weight p becomes p / sg(p), BASE's σ becomes σ / sg(σ); method page
+    §4's invariant, with the gate still trained by the task loss). Pass ``unit_combine=False`` to keep
+    the published weighting. Expert choice cannot start from dense (tokens no expert picks get nothing).
     """
     _check_fresh(model)
     cfg = _make_config(router, variant, num_experts, top_k, config_overrides)
+    if cfg.unit_combine is None:
+        cfg = cfg.replace(unit_combine=True)
     stack_path, stack = find_decoder_layers(model, "mlp", cfg.hidden_size or None)
     selected = _select_layers(len(stack), layers, every_n)
     _apply_upcycle(model, cfg, stack_path, stack, selected, noise_std)
@@ -655,9 +679,9 @@ def swap_router(model: nn.Module, router: str | MoEConfig = "spectra", init_from
         cfg = cfg.replace(top_k=k)
     gate_weights = None
     if init_from_gate:
-        if cfg.router in ("spectra", "hash", "base"):
+        if cfg.router in ("spectra", "hash", "base", "gramspec"):
             raise ValueError(f"init_from_gate=True needs a router with a linear gate (switch_top1, top2, gshard_top2, "
-                             f"aux_free, expert_choice); router={cfg.router!r} has none.")
+                             f"aux_free, ssr, expert_choice); router={cfg.router!r} has none.")
         gate_weights = [_gate_of(block)[1].weight.detach() for _, _, block in found]
     _apply_swap(model, cfg, stack_path, stack, [i for i, _, _ in found], gate_weights)
     return model
@@ -756,18 +780,22 @@ def _dedup_shared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def save(model: nn.Module, save_directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Save a converted model: ``config.json`` (with ``spectra_moe``), ``generation_config.json`` and
-    ``model.safetensors`` with the module's own state-dict keys (router parameters once; tied
-    weights once). ``model.save_pretrained(path)`` on a converted model calls this."""
+    """Save a converted model: ``config.json`` of model type ``spectra_moe`` (`spectra.hf_auto`: the base
+    model's HF config plus the SPECTRA settings, so the Auto classes load it exactly after ``import spectra``
+    and refuse it without), ``generation_config.json`` and ``model.safetensors`` with the module's own
+    state-dict keys (router parameters once; tied weights once). ``model.save_pretrained(path)`` on a
+    converted model calls this."""
     from safetensors.torch import save_file
+
+    from .hf_auto import SpectraMoeConfig
 
     if spectra_settings(model) is None:
         raise ValueError("spectra.save expects a model converted by spectra.upcycle / spectra.swap_router.")
-    os.makedirs(save_directory, exist_ok=True)
     config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "save_pretrained"):
+    if config is None or not hasattr(config, "to_diff_dict"):
         raise ValueError("spectra.save needs a Hugging Face model (with a .config); save other models with torch.save.")
-    config.save_pretrained(save_directory)
+    os.makedirs(save_directory, exist_ok=True)
+    SpectraMoeConfig.from_model_config(config, type(model).__name__).save_pretrained(save_directory)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and hasattr(generation_config, "save_pretrained"):
         try:
@@ -779,22 +807,22 @@ def save(model: nn.Module, save_directory: str | os.PathLike, state_dict: dict[s
     save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt", "spectra": "1"})
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> nn.Module:
-    """Rebuild a model saved by `save` / ``save_pretrained``: the architecture from the saved HF config,
-    the same conversion (without copying weights), then every weight loaded strictly. Eval mode."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+def rebuild(base_config: Any, settings: dict[str, Any], architecture: str | None = None) -> nn.Module:
+    """The architecture of a saved model with fresh weights: the base model from its HF config (class
+    ``architecture`` when transformers has it, else ``AutoModelForCausalLM``), then the same conversion
+    as the saved one (method page §4) without copying weights. ``settings``: ``config.spectra_moe``."""
+    import transformers
 
-    config = AutoConfig.from_pretrained(path)
-    settings = getattr(config, CONFIG_KEY, None)
-    if not settings:
-        raise ValueError(f"{path}: config.json has no '{CONFIG_KEY}' entry; it was not saved from a spectra model.")
-    model = AutoModelForCausalLM.from_config(config)
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
+        model = model_class._from_config(base_config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(base_config)
     cfg = MoEConfig.from_dict(settings["moe_config"])
     stack_path = settings["decoder_layers"]
     stack = _get_path(model, stack_path)
     if not isinstance(stack, nn.ModuleList):
-        raise UnsupportedModelError(f"{path}: decoder layers '{stack_path}' not found in the rebuilt model.")
+        raise UnsupportedModelError(f"decoder layers '{stack_path}' not found in the rebuilt {type(model).__name__}.")
     if settings["mode"] == "upcycle":
         _apply_upcycle(model, cfg, stack_path, stack, list(settings["layers"]), 0.0)
     elif settings["mode"] == "swap":
@@ -802,13 +830,32 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     else:
         raise ValueError(f"unknown spectra_moe mode {settings['mode']!r}.")
     setattr(model.config, CONFIG_KEY, settings)  # verbatim (e.g. the noise_std of the original upcycling)
-    file = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{file} not found.")
+    return model
+
+
+def _saved_parts(config: Any, path: str | os.PathLike) -> tuple[Any, dict[str, Any], str | None]:
+    """(base HF config, spectra settings, class name) of a saved folder's config: the ``spectra_moe``
+    model type, or the earlier format (the base config with a ``spectra_moe`` entry)."""
+    from .hf_auto import INSTALL_HINT, SpectraMoeConfig
+
+    if isinstance(config, SpectraMoeConfig):
+        return config.base_model_config(), config.spectra_moe, config.base_architecture
+    settings = getattr(config, CONFIG_KEY, None)
+    if not settings:
+        raise ValueError(f"{path}: not a SPECTRA-MoE folder (config.json has model type {config.model_type!r} and no "
+                         f"'{CONFIG_KEY}' entry); convert the model with spectra.upcycle / spectra.swap_router and save it "
+                         f"with model.save_pretrained (reading it back needs: {INSTALL_HINT}).")
+    return config, settings, None
+
+
+def _load_weights(model: nn.Module, file: str, path: str | os.PathLike) -> None:
+    """Load ``file`` strictly into ``model``, keeping each saved dtype (e.g. fp32 routers in a bf16 model)."""
+    from safetensors.torch import load_file
+
     state = load_file(file)
     result = model.load_state_dict(state, strict=False)
     expected = model.state_dict()
-    for name, tensor in state.items():  # keep each saved dtype (e.g. fp32 routers in a bf16 model)
+    for name, tensor in state.items():
         if name in expected and expected[name].dtype != tensor.dtype:
             owner, _, attr = name.rpartition(".")
             target = getattr(model.get_submodule(owner) if owner else model, attr)
@@ -819,6 +866,27 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     if missing or result.unexpected_keys:
         raise RuntimeError(f"{path}: weights do not match the rebuilt model: missing {missing}, "
                            f"unexpected {result.unexpected_keys}.")
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None, *,
+         config: Any = None, **hub_kwargs: Any) -> nn.Module:
+    """Rebuild a model saved by `save` / ``save_pretrained`` (also what ``AutoModelForCausalLM.from_pretrained``
+    does on such a folder after ``import spectra``): `rebuild` from the saved config, every weight loaded
+    strictly, the saved generation config. Eval mode. ``config``: the folder's config if already read;
+    ``hub_kwargs``: transformers' file options (``revision``, ``cache_dir``, ``local_files_only``, …).
+    Also reads folders of the earlier format (base config with a ``spectra_moe`` entry)."""
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.utils import cached_file
+
+    from . import hf_auto  # noqa: F401 - registers the spectra_moe model type with AutoConfig
+
+    if config is None:
+        config = AutoConfig.from_pretrained(path, **hub_kwargs)
+    base_config, settings, architecture = _saved_parts(config, path)
+    model = rebuild(base_config, settings, architecture)
+    _load_weights(model, cached_file(path, WEIGHTS_NAME, **hub_kwargs), path)
+    if cached_file(path, "generation_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs):
+        model.generation_config = GenerationConfig.from_pretrained(path, **hub_kwargs)
     if dtype is not None:
         model.to(dtype)
     if device is not None:
@@ -826,10 +894,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     model.eval()
     return model
 
-
 __all__ = [
     "CONFIG_KEY", "GATE_ATTRIBUTE_NAMES", "MLP_ATTRIBUTE_NAMES", "OUTPUT_KEYS", "RoutingStateCallback", "SwappedGate",
     "UnsupportedModelError", "UpcycledMLP", "expression_ablation", "find_decoder_layers", "find_mlp", "find_moe_block",
-    "is_moe_block", "load", "looks_like_mlp", "moe_config_of", "register_mlp", "routed_modules", "routers_of",
-    "routing_stats", "save", "spectra_settings", "step_routers", "swap_router", "unregister_mlp", "upcycle",
+    "is_moe_block", "load", "looks_like_mlp", "moe_config_of", "rebuild", "register_mlp", "routed_modules",
+    "routers_of", "routing_stats", "save", "spectra_settings", "step_routers", "swap_router", "unregister_mlp", "upcycle",
 ]

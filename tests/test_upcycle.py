@@ -176,8 +176,13 @@ def test_labels_add_router_loss_and_expose_stats():
 
 
 def test_expression_ablation_changes_the_model():
-    moe = spectra.upcycle(dense_model("gpt2"), router="spectra", noise_std=0.2, **SMALL_ROUTER).eval()
+    moe = spectra.upcycle(dense_model("gpt2"), router="spectra", noise_std=0.2, **SMALL_ROUTER).train()
     ids = tokens(length=16)
+    moe(ids, labels=ids).loss.backward()  # one training step: inference then runs the trained path (Ē EMA)
+    spectra.step_routers(moe)
+    (router,) = spectra.routers_of(moe)
+    assert bool(router.ebar_ready.all())
+    moe.eval()
     with torch.no_grad():
         ref = moe(ids).logits
         with spectra.expression_ablation(moe):
