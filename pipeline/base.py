@@ -1,5 +1,5 @@
-"""DVC stage `base`: the dense base model of the active profile, and its per-domain perplexity
-against a unigram baseline.
+"""DVC stage `base` (``python pipeline/base.py <profile>``): the dense base model of a profile, and its
+per-domain perplexity against a unigram baseline.
 
 scratch  a GPT-2-architecture model (`GPT2LMHeadModel`) pretrained from scratch on the corpus
 smollm2  the real pretrained SmolLM2-135M from the pinned offline package
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-from common import data_identity, fingerprint, load_params, paths, profile, write_json
+from common import data_identity, fingerprint, load_params, paths, profile, stage_args, timed_stage, write_json
 import numpy as np  # noqa: E402  (after common: it sets OMP_WAIT_POLICY)
 import torch  # noqa: E402
 from spectra import evaluate  # noqa: E402
@@ -48,8 +48,8 @@ def build_base(params: dict, meta: dict):
     raise SystemExit(f"params.yaml: profiles.{params['profile']}.base.source={base['source']!r}; allowed: scratch, smollm2, hub.")
 
 
-def main() -> None:
-    params = load_params()
+def main(profile_name: str) -> None:
+    params = load_params(profile_name)
     prof, p = profile(params), paths(params)
     meta = json.loads((p["tokens"] / "meta.json").read_text())
     train_blocks = np.load(p["tokens"] / "train_tokens.npy")
@@ -76,4 +76,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    (name,) = stage_args("python pipeline/base.py <profile>", 1)
+    with timed_stage(name, "base"):
+        main(name)

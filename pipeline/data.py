@@ -1,16 +1,18 @@
-"""DVC data stages of the active profile: corpus, probes, tokenizer, tokenize (wrapping spectra.data)."""
+"""DVC data stages of a profile: corpus, probes, tokenizer, tokenize (wrapping spectra.data).
+
+    python pipeline/data.py <profile> corpus|probes|tokenizer|tokenize
+"""
 
 from __future__ import annotations
 
 import shutil
-import sys
 
-from common import load_params, paths, profile
+from common import load_params, paths, profile, stage_args, timed_stage
 from spectra import data, resources
 
 
-def main(step: str) -> None:
-    params = load_params()
+def main(profile_name: str, step: str) -> None:
+    params = load_params(profile_name)
     prof, p = profile(params), paths(params)
     d = prof["data"]
     if step == "corpus":
@@ -40,4 +42,6 @@ def main(step: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    name, step = stage_args("python pipeline/data.py <profile> corpus|probes|tokenizer|tokenize", 2)
+    with timed_stage(name, step):
+        main(name, step)

@@ -1,4 +1,6 @@
-"""DVC notebook stages: execute notebooks/<name>.ipynb with papermill for the active profile.
+"""DVC notebook stages: execute notebooks/<name>.ipynb with papermill for a profile.
+
+    python pipeline/notebook.py <profile> <name>
 
 The stripped notebook in git is the stage's dependency; the executed copy
 (notebooks/executed/<profile>/<name>.ipynb) and everything the notebook writes under
@@ -10,20 +12,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 
 import papermill
 
-from common import ROOT, load_params, paths
+from common import ROOT, load_params, paths, stage_args, timed_stage
 
 
-def main(name: str) -> None:
-    params = load_params()
+def main(profile_name: str, name: str) -> None:
+    params = load_params(profile_name)
     p = paths(params)
     source = ROOT / "notebooks" / f"{name}.ipynb"
     if not source.exists():
         raise SystemExit(f"no notebook {source}")
-    executed = ROOT / "notebooks" / "executed" / params["profile"] / f"{name}.ipynb"
+    executed = p["executed"] / f"{name}.ipynb"
     results = p["results"] / name
     tmp_results = results.with_name(results.name + ".tmp")
     tmp_executed = executed.with_name(executed.stem + ".tmp.ipynb")
@@ -32,7 +33,7 @@ def main(name: str) -> None:
     executed.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
         str(source), str(tmp_executed), kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=True,
-        parameters={"profile": params["profile"], "root": str(ROOT), "results_dir": str(tmp_results),
+        parameters={"profile": profile_name, "root": str(ROOT), "results_dir": str(tmp_results),
                     "final_results_dir": str(results)},
     )
     shutil.rmtree(results, ignore_errors=True)
@@ -41,4 +42,6 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    profile_arg, notebook = stage_args("python pipeline/notebook.py <profile> <notebook name>", 2)
+    with timed_stage(profile_arg, notebook):
+        main(profile_arg, notebook)

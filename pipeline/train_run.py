@@ -1,4 +1,5 @@
-"""DVC stage `train@<run>`: upcycle the base (or keep it dense), continue training, evaluate.
+"""DVC stage `train@<run>` (``python pipeline/train_run.py <profile> <run>``): upcycle the base (or keep it
+dense), continue training, evaluate.
 
 Writes runs/<profile>/<run>/: model/ (save_pretrained), checkpoint.pt (resume point), log.jsonl
 (one line per step), metrics.json (held-out perplexity overall and per domain, routing metrics,
@@ -9,10 +10,10 @@ token per MoE layer, with its domain: the input of the specialisation analysis).
 from __future__ import annotations
 
 import json
-import sys
 import time
 
-from common import ParamsError, data_identity, file_sha256, fingerprint, load_params, moe_config, paths, profile, run_enabled, write_json
+from common import (ParamsError, data_identity, file_sha256, fingerprint, load_params, moe_config, paths, profile,
+                    run_enabled, stage_args, timed_stage, write_json)
 import numpy as np  # noqa: E402  (after common: it sets OMP_WAIT_POLICY)
 import torch  # noqa: E402
 
@@ -22,8 +23,8 @@ from spectra.train import TrainSettings, train
 from spectra.upcycle import expression_ablation, upcycle
 
 
-def main(key: str) -> None:
-    params = load_params()
+def main(profile_name: str, key: str) -> None:
+    params = load_params(profile_name)
     if key not in params["runs"]:
         raise ParamsError(f"unknown run {key!r}; runs in params.yaml: {', '.join(params['runs'])}.")
     prof, p = profile(params), paths(params)
@@ -95,4 +96,6 @@ def main(key: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    name, run = stage_args("python pipeline/train_run.py <profile> <run>", 2)
+    with timed_stage(name, f"train@{run}"):
+        main(name, run)

@@ -1,6 +1,8 @@
-"""Paper generator: the only writer of ``paper/generated/``.
+"""Paper generator: the only writer of ``paper/<profile>/generated/``.
 
-    python -m spectra.report --results results/<profile> --runs runs/<profile> --out paper/generated
+    python -m spectra.report --results results/<profile> --runs runs/<profile> --out paper/<profile>/generated
+
+(the DVC stage `report` runs it as ``python pipeline/paper.py <profile> report``).
 
 Reads what the notebooks wrote under ``results/<profile>/`` (tables as CSV/JSON, figures as PDF), the run
 outputs under ``runs/<profile>/`` and the benchmark JSON (optional), and writes
@@ -72,6 +74,8 @@ TEX_LABELS: dict[str, str] = {
     "hash": r"Hash",
     "base": r"BASE",
     "aux_free": r"Aux-loss-free",
+    "ssr": r"Selective Sinkhorn (SSR)",
+    "gramspec": r"GramSpec (legacy, corrected)",
     "base model": r"Base model (dense)",
 }
 #: Plain names for generated sentences.
@@ -80,6 +84,7 @@ TEXT_NAMES: dict[str, str] = {
     "no_sinkhorn": "w/o Sinkhorn", "no_repulsion": "w/o repulsion", "no_ortho": "w/o orthogonality",
     "dense": "the dense model", "switch_top1": "Switch top-1", "top2": "top-2", "gshard_top2": "GShard top-2",
     "expert_choice": "expert choice", "hash": "hash routing", "base": "BASE", "aux_free": "aux-loss-free routing",
+    "ssr": "Selective Sinkhorn Routing", "gramspec": "the legacy GramSpec score",
 }
 #: Row order of the main comparison: the method, the baselines, then the ablations.
 MAIN_ORDER = ("spectra", *BASELINES, *ABLATIONS)
@@ -540,7 +545,7 @@ class Report:
         has = set(present)
         if "spectra" not in has:
             raise ReportError(f"{self.results / '03_ablations' / 'main_table.csv'} has no SPECTRA row; the paper compares against it.")
-        ref = next((v for v in ("top2", "switch_top1", "gshard_top2", "aux_free") if v in has), None)
+        ref = next((v for v in ("top2", "switch_top1", "gshard_top2", "aux_free", "ssr") if v in has), None)
         self.m("MainClaim", self._compare("spectra", ref) if ref else "No token-choice baseline was run in this profile.")
         self.m("MainBaseline", TEXT_NAMES.get(ref, "none") if ref else "none")
         self.m("SwitchClaim", self._compare("spectra", "switch_top1") if "switch_top1" in has else
@@ -960,7 +965,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m spectra.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", required=True, help="results/<profile> (the notebooks' outputs)")
     ap.add_argument("--runs", required=True, help="runs/<profile> (the run outputs)")
-    ap.add_argument("--out", required=True, help="paper/generated")
+    ap.add_argument("--out", required=True, help="paper/<profile>/generated")
     args = ap.parse_args(list(argv) if argv is not None else None)
     try:
         rep = generate(args.results, args.runs, args.out)

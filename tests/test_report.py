@@ -296,4 +296,24 @@ def test_notebook_is_stripped_and_parameterised(path):
     src = "".join(first["source"]) if isinstance(first["source"], list) else first["source"]
     for name in ("profile", "root", "results_dir", "final_results_dir"):
         assert re.search(rf"^{name}\s*=", src, re.M), f"parameter {name} missing"
-    assert re.search(r'^profile\s*=\s*"tiny"', src, re.M)
+    # interactive default: the first built profile (pipeline/common.py notebook_setup), never a fixed one
+    assert re.search(r"^profile\s*=\s*None\b", src, re.M)
+    assert re.search(r"^results_dir\s*=\s*None\b", src, re.M), "an interactive run must not write into results/"
+
+
+# ------------------------------------------------------------------------------- the committed default paper
+def test_committed_default_paper_is_the_one_dvc_lock_records():
+    """paper/default/ (spectra.pdf and generated/, DVC outputs with `cache: false`) has the md5s the committed
+    dvc.lock records for the `report` and `paper` stages: the PDF belongs to this commit's code and parameters."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(ROOT / "pipeline"))
+    import common
+
+    pdf = "paper/default/spectra.pdf"
+    listed = subprocess.run(["git", "ls-files", "--error-unmatch", pdf], cwd=ROOT, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip(f"{pdf} is not committed yet: a full `make paper` writes it with paper/default/generated/ and "
+                    "dvc.lock, and the three are committed together")
+    assert common.lock_mismatches(ROOT / "dvc.lock", ["report", "paper"]) == []
