@@ -166,6 +166,8 @@ class BaseLayerRouter(Router):
     weights_sum_to_one = False
     block_capacity = False
 
+    train_rule_differs = True  # balanced assignment in training, greedy top-1 at inference
+
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
         self.centroids = nn.Linear(config.hidden_size, config.num_experts, bias=False)

@@ -145,6 +145,12 @@ class Router(nn.Module):
     #: True when weights of each token sum to 1 (so identical experts reproduce the dense MLP).
     weights_sum_to_one: bool = True
 
+    @property
+    def train_rule_differs(self) -> bool:
+        """True when training selects experts by another rule than inference (Sinkhorn, a balanced
+        assignment): only then is the train/eval top-k agreement a measurement (§5)."""
+        return False
+
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         if config.hidden_size <= 0:

@@ -210,6 +210,10 @@ class SpectraRouter(Router):
         return p
 
     @property
+    def train_rule_differs(self) -> bool:
+        return self.config.use_sinkhorn
+
+    @property
     def ebar_ready(self) -> torch.Tensor:
         """[L] bool: layers whose inference Ē EMA has received at least one optimizer step."""
         return self.ebar_steps > 0

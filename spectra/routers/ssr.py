@@ -45,6 +45,8 @@ class SelectiveSinkhornRouter(TopKRouter):
 
     aux_loss = False
 
+    train_rule_differs = True  # the transport plan on Sinkhorn steps, softmax top-k at inference
+
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
         self.renormalise = True
