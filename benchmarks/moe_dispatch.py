@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
     p.add_argument("--config", action="append", default=None, metavar="D,E,N",
                    help="run only these configurations (repeatable), e.g. --config 256,8,2048")
     args = p.parse_args(argv)
-    setup(args.threads)
+    setup(args.threads, args.malloc)
     if args.quick:
         grid = [(64, 4, 256)]
         reps = args.reps or 2

@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=None, help="N (default 8192; 512 with --quick)")
     args = p.parse_args(argv)
-    setup(args.threads)
+    setup(args.threads, args.malloc)
     d, e, k, r = (64, 4, 2, 16) if args.quick else (768, 8, 2, 128)
     n = args.tokens or (512 if args.quick else 8192)
     reps = args.reps or (2 if args.quick else 5)

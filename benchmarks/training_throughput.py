@@ -7,13 +7,18 @@ blocks of 128 tokens, batch 16 (2048 tokens per step), no dropout; every MLP upc
 added to the loss by the upcycler's hook), backward, AdamW step, `step_routers`. fp32, CPU, 2 threads.
 
 * Throughput: the three models train side by side in one process, steps interleaved, median step time.
+* Model FLOPs utilisation (MFU): model FLOPs per token (`spectra.flops.flops_per_token`: attention incl.
+  the T² part, MLP / experts ×k, router, LM head; forward + backward = 3× forward) × tokens/s ÷ the GEMM
+  rate this machine reaches on the same matmul shapes (`common.gemm_floor`: every product of the
+  variant's step, preallocated, timed in the same interleaved repetitions as the training steps). Goal
+  >= 0.60 for every variant; in the JSON also as the time ratio ``step/gemm-floor`` (= 1/MFU, <= 1/0.6).
 * Peak memory: one child process per variant (so each peak is its own): once the model is built the
   kernel's peak-RSS mark is reset and a few steps run; the peak (VmHWM) minus the resident size before
   them is the training-time peak on top of the weights (gradients, AdamW state, activations saved for
   backward); the absolute peak RSS is reported too. RSS, not tracemalloc: tensors are not Python
   allocations.
 
-No goal is set for these numbers; they are reported for the paper's overhead table.
+No goal is set for the step times and memory; they are reported for the paper's overhead table.
 
     python benchmarks/training_throughput.py            # ~1-2 minutes on 2 cores
     python benchmarks/training_throughput.py --quick    # smoke run: a 2-layer x 64 model
@@ -22,9 +27,9 @@ No goal is set for these numbers; they are reported for the paper's overhead tab
 from __future__ import annotations
 
 try:
-    from common import interleaved, medians, parser, ratio, save, setup, table
+    from common import gemm_floor, goal_line, interleaved, medians, parser, ratio, save, setup, table
 except ImportError:  # imported as benchmarks.training_throughput
-    from benchmarks.common import interleaved, medians, parser, ratio, save, setup, table
+    from benchmarks.common import gemm_floor, goal_line, interleaved, medians, parser, ratio, save, setup, table
 
 import copy
 import json
@@ -34,7 +39,10 @@ import sys
 
 import torch
 
+from spectra.flops import flops_per_token, forward_matmuls
+
 VARIANTS = ("dense", "spectra", "top2")
+GOAL_MFU = 0.60
 DEFAULT = dict(n_layer=4, n_embd=256, n_head=4, vocab=8192, block=128, batch=16, experts=8, top_k=2, router_dim=32)
 QUICK = dict(n_layer=2, n_embd=64, n_head=2, vocab=512, block=32, batch=4, experts=4, top_k=2, router_dim=8)
 
@@ -95,11 +103,11 @@ def _reset_peak() -> bool:
         return False
 
 
-def memory_child(variant: str, quick: bool, steps: int, threads: int) -> dict:
+def memory_child(variant: str, quick: bool, steps: int, threads: int, malloc: bool = True) -> dict:
     """Peak resident memory of training `variant`, in a fresh process (``ru_maxrss`` would include the
     parent's size at fork; the per-process VmHWM does not): the peak mark is reset once the model is
     built, then `steps` training steps run (the first one allocates gradients and AdamW state)."""
-    setup(threads)
+    setup(threads, malloc)
     size = QUICK if quick else DEFAULT
     model = variant_model(base_model(size), variant, size)
     ids = batch(size)
@@ -123,27 +131,36 @@ def main(argv=None) -> dict:
     p.add_argument("--memory-child", default=None, help=argparse_hidden())
     args = p.parse_args(argv)
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, args.quick, args.steps or 3, args.threads)))
+        print(json.dumps(memory_child(args.memory_child, args.quick, args.steps or 3, args.threads, args.malloc)))
         return {}
-    setup(args.threads)
+    setup(args.threads, args.malloc)
     size = QUICK if args.quick else DEFAULT
     reps = args.steps or args.reps or (2 if args.quick else 8)
     base = base_model(size)
     models = {v: variant_model(base, v, size) for v in VARIANTS}
     ids = batch(size)
     steps = {v: trainer(m, ids) for v, m in models.items()}
-    times = interleaved(steps, reps=reps, warmup=2)
+    counts = {v: flops_per_token(m.config, seq_len=size["block"]) for v, m in models.items()}
+    floors = {v: gemm_floor(forward_matmuls(m.config, batch=size["batch"], seq_len=size["block"]))
+              for v, m in models.items()}
+    subjects = {**steps, **{f"gemm {v}": floors[v][0] for v in VARIANTS}}
+    times = interleaved(subjects, reps=reps, warmup=2)
     med = medians(times)
     tokens = size["batch"] * size["block"]
     tps = {v: tokens / med[v] for v in VARIANTS}
     params = {v: sum(p.numel() for p in m.parameters()) for v, m in models.items()}
-    del models, steps
+    gemm_rate = {v: floors[v][1] / med[f"gemm {v}"] for v in VARIANTS}  # FLOP/s on the model's shapes
+    # MFU = (counted FLOPs / step time) / (floor FLOPs / floor time), per repetition, median
+    mfu = {v: counts[v].training_per_token * tokens / floors[v][1] * ratio(times, f"gemm {v}", v) for v in VARIANTS}
+    del models, steps, floors, subjects
 
     memory = {}
     for v in VARIANTS:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", v, "--threads", str(args.threads)]
         if args.quick:
             cmd.append("--quick")
+        if not args.malloc:
+            cmd.append("--no-malloc-tuning")
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
         memory[v] = json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -162,12 +179,26 @@ def main(argv=None) -> dict:
     print(f"[4] step time spectra / top2          {r_time:.3f}x   (tokens/s ratio {1 / r_time:.3f})")
     print(f"[4] step time spectra / dense         {r_dense:.3f}x   (top2 / dense {r_top2_dense:.3f}x)")
     print(f"[4] training peak memory spectra / top2 {mem_ratio:.3f}x")
+    print()
+    print(table([[v, f"{counts[v].training_per_token / 1e6:.2f}", f"{counts[v].active_parameters / 1e6:.2f}",
+                  f"{counts[v].training_per_token * tps[v] / 1e9:.1f}", f"{gemm_rate[v] / 1e9:.1f}", f"{mfu[v]:.3f}"]
+                 for v in VARIANTS],
+                ["model", "train MFLOP/token", "active params (M)", "model GFLOP/s", "GEMM GFLOP/s (same shapes)", "MFU"]))
+    for v in VARIANTS:
+        print(goal_line(f"[3] MFU {v} (model FLOP/s / GEMM FLOP/s, same shapes)", 100 * mfu[v], 100 * GOAL_MFU,
+                        not args.quick, at_least=True, unit="%"))
     payload = {
         "benchmark": "training_throughput", "quick": args.quick, "model": size, "tokens_per_step": tokens, "reps": reps,
         "D": size["n_embd"], "E": size["experts"], "k": size["top_k"], "N": tokens,
         "median_step_s": med, "samples_s": times, "tokens_per_s": tps, "parameters": params, "memory": memory,
         "ratios": {"step spectra/top2": r_time, "step spectra/dense": r_dense, "step top2/dense": r_top2_dense,
-                   "train-peak-memory spectra/top2": mem_ratio},
+                   "train-peak-memory spectra/top2": mem_ratio,
+                   **{f"step/gemm-floor {v}": 1.0 / mfu[v] for v in VARIANTS}},
+        "goals": {} if args.quick else {f"step/gemm-floor {v}": 1.0 / GOAL_MFU for v in VARIANTS},
+        "met": {} if args.quick else {f"step/gemm-floor {v}": mfu[v] >= GOAL_MFU for v in VARIANTS},
+        "mfu": {v: {"mfu": mfu[v], "goal_at_least": GOAL_MFU, "train_flops_per_token": counts[v].training_per_token,
+                    "forward_flops_per_token_by_part": counts[v].by_part, "active_parameters": counts[v].active_parameters,
+                    "gemm_floor_flop_per_s": gemm_rate[v]} for v in VARIANTS},
     }
     path = save("training_throughput", args.out, payload)
     print(f"\nwrote {path}")

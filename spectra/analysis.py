@@ -24,6 +24,7 @@ from torch import nn
 
 from . import metrics
 from .config import ABLATIONS, BASELINES, MoEConfig
+from .evaluate import block_forward, mlp_modules  # noqa: F401  (mlp_modules: part of this API)
 
 #: Row order of every table: the method, its ablations, then the baselines (dense first).
 VARIANT_ORDER: tuple[str, ...] = ("spectra", *ABLATIONS, *BASELINES)
@@ -43,6 +44,8 @@ LABELS: dict[str, str] = {
     "hash": "hash",
     "base": "BASE",
     "aux_free": "aux-loss-free",
+    "ssr": "SSR",
+    "gramspec": "GramSpec",
 }
 
 
@@ -391,48 +394,25 @@ def load_model(model_dir: str | os.PathLike) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def mlp_modules(model: nn.Module) -> list[nn.Module]:
-    """The MLP (or upcycled MoE) module of every decoder layer, in depth order."""
-    from .upcycle import find_decoder_layers, find_mlp
-
-    _, stack = find_decoder_layers(model, "mlp")
-    out = []
-    for layer in stack:
-        hit = find_mlp(layer)
-        if hit is None:
-            raise ValueError(f"no MLP found in decoder layer {type(layer).__name__}")
-        out.append(hit[1])
-    return out
-
-
-@torch.no_grad()
-def capture_mlp_inputs(model: nn.Module, blocks: np.ndarray, batch_size: int = 8) -> list[torch.Tensor]:
+def capture_mlp_inputs(model: nn.Module, blocks: np.ndarray, batch_size: int | None = None) -> list[torch.Tensor]:
     """The inputs of every decoder layer's MLP (after the pre-FFN norm — what an MoE block receives) on
-    `blocks` [B, T] with a forward hook; returns one [B·T, D] tensor per layer (depth order)."""
-    mods = mlp_modules(model)
-    store: list[list[torch.Tensor]] = [[] for _ in mods]
-    hooks = [m.register_forward_hook(lambda mod, args, out, i=i: store[i].append(args[0].detach().reshape(-1, args[0].shape[-1])))
-             for i, m in enumerate(mods)]
-    model.eval()
-    try:
-        for s in range(0, len(blocks), batch_size):
-            model(input_ids=torch.from_numpy(blocks[s:s + batch_size].astype(np.int64)))
-    finally:
-        for h in hooks:
-            h.remove()
-    return [torch.cat(x) for x in store]
+    `blocks` [B, T]; one [B·T, D] tensor per layer (depth order). From `spectra.evaluate.block_forward`:
+    blocks already run through this model (e.g. by `block_features`) are not run again."""
+    rows, _ = block_forward(model, blocks, batch_size, mlp_inputs=True)
+    n_layers = len(mlp_modules(model))
+    if not rows:
+        return [torch.zeros(0) for _ in range(n_layers)]
+    return [torch.cat([r["mlp_in"][i] for r in rows]) for i in range(n_layers)]
 
 
-@torch.no_grad()
-def block_features(model: nn.Module, blocks: np.ndarray, batch_size: int = 16, layer: int = -1) -> np.ndarray:
+def block_features(model: nn.Module, blocks: np.ndarray, batch_size: int | None = None, layer: int = -1) -> np.ndarray:
     """Mean-pooled hidden states of `layer` for token blocks [B, T] (features for linear probes; the
-    token-id counterpart of `spectra.evaluate.hidden_features`)."""
-    model.eval()
-    feats = []
-    for s in range(0, len(blocks), batch_size):
-        out = model(input_ids=torch.from_numpy(blocks[s:s + batch_size].astype(np.int64)), output_hidden_states=True)
-        feats.append(out.hidden_states[layer].float().mean(1).numpy())
-    return np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+    token-id counterpart of `spectra.evaluate.hidden_features`). The forward keeps the blocks' MLP
+    inputs too, so a later `capture_mlp_inputs` / `expert_outputs` of (a subset of) the same blocks reuses it."""
+    rows, _ = block_forward(model, blocks, batch_size, mlp_inputs=True)
+    if not rows:
+        return np.zeros((0, 0), np.float32)
+    return torch.stack([r["means"][layer] for r in rows]).numpy()
 
 
 def text_features(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int) -> np.ndarray:
@@ -559,15 +539,16 @@ def train_router(router, layers: Sequence[torch.Tensor], steps: int, batch_token
     return pd.DataFrame(rows)
 
 
-@torch.no_grad()
 def routing_trajectory(model: nn.Module, block: np.ndarray) -> np.ndarray:
     """Eval-mode top-k experts of each token of one block [T] at every MoE layer → int array [L, T, k]."""
     from .upcycle import routed_modules
 
-    model.eval()
-    out = model(input_ids=torch.from_numpy(block.astype(np.int64))[None])
     names = [b.moe_name for b in routed_modules(model)]
-    return np.stack([out.routing_stats[n]["topk"].numpy() for n in names])
+    rows, _ = block_forward(model, block[None])
+    if "topk" in rows[0]:
+        return np.stack([rows[0]["topk"][n].numpy() for n in names])
+    _, stats = block_forward(model, block[None], use_cache=False)  # top-k that dropped assignments
+    return np.stack([stats[0][n]["topk"].numpy() for n in names])
 
 
 # =============================================================================================== specialisation
@@ -603,12 +584,12 @@ def layer_table(runs: Sequence[dict[str, Any]]):
     return pd.DataFrame(rows)
 
 
-@torch.no_grad()
 def expert_outputs(model: nn.Module, blocks: np.ndarray, block_domains: np.ndarray, num_domains: int,
-                   batch_size: int = 8) -> np.ndarray:
+                   batch_size: int | None = None) -> np.ndarray:
     """Expert representations: for MoE layer ℓ, expert e and domain d, the mean output of expert e on the
     MLP inputs of all held-out tokens of domain d (every expert applied to every token, whatever the
-    router chose) → array [L, E, num_domains, D]. Domains without a token are NaN."""
+    router chose) → array [L, E, num_domains, D]. Domains without a token are NaN. The MLP inputs come
+    from `capture_mlp_inputs` (no new forward for blocks this model already ran)."""
     from .upcycle import routed_modules
 
     blocks_mods = routed_modules(model)
@@ -617,18 +598,19 @@ def expert_outputs(model: nn.Module, blocks: np.ndarray, block_domains: np.ndarr
     inputs = capture_mlp_inputs(model, blocks, batch_size)
     mlps = mlp_modules(model)
     tok_dom = torch.from_numpy(np.repeat(block_domains.astype(np.int64), blocks.shape[1]))
+    per_domain = torch.bincount(tok_dom, minlength=num_domains).float()[:, None]  # [num_domains, 1]
     reps = []
-    for wrapper in blocks_mods:
-        moe = wrapper.moe
-        li = next(i for i, m in enumerate(mlps) if m is wrapper)
-        x = inputs[li]
-        n = x.shape[0]
-        per_e = []
-        for e in range(moe.config.num_experts):
-            y = moe.dispatch(x, torch.arange(n), torch.full((n,), e, dtype=torch.long), torch.ones(n))
-            per_e.append(torch.stack([y[tok_dom == d].mean(0) if bool((tok_dom == d).any())
-                                      else torch.full((x.shape[1],), float("nan")) for d in range(num_domains)]))
-        reps.append(torch.stack(per_e))
+    with torch.inference_mode():
+        for wrapper in blocks_mods:
+            moe = wrapper.moe
+            x = inputs[next(i for i, m in enumerate(mlps) if m is wrapper)]
+            n = x.shape[0]
+            per_e = []
+            for e in range(moe.config.num_experts):
+                y = moe.dispatch(x, torch.arange(n), torch.full((n,), e, dtype=torch.long), torch.ones(n))
+                sums = torch.zeros(num_domains, x.shape[1], dtype=y.dtype).index_add_(0, tok_dom, y)
+                per_e.append(torch.where(per_domain > 0, sums / per_domain.clamp_min(1), float("nan")))
+            reps.append(torch.stack(per_e))
     return torch.stack(reps).numpy()
 
 

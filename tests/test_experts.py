@@ -78,6 +78,13 @@ MLPS = {
 }
 
 
+@pytest.fixture(params=["whole", "per_expert"])
+def gather_mode(request, monkeypatch):
+    """Both layouts of `_GroupedMLP`: all experts' rows gathered at once, or one expert's at a time."""
+    monkeypatch.setattr("spectra.experts.GATHER_WHOLE_BYTES", 2**62 if request.param == "whole" else 0)
+    return request.param
+
+
 def _config(router: str = "top2", grouped: bool = True, **kw) -> MoEConfig:
     extra = {} if grouped else {"grouped_experts": False}
     return MoEConfig.from_variant(router, hidden_size=D, num_experts=E, router_dim=8, extra=extra, **kw)
@@ -127,6 +134,7 @@ ROUTER_CASES = [(name, "top2") for name in MLPS] + [(name, "spectra") for name i
 
 
 @pytest.mark.parametrize("name,router", ROUTER_CASES)
+@pytest.mark.usefixtures("gather_mode")
 def test_grouped_matches_module_path(name, router):
     """Same experts (same noise draws), same outputs and gradients (input, router, every expert)."""
     make, _ = MLPS[name]
@@ -151,6 +159,7 @@ def test_grouped_matches_module_path(name, router):
 
 
 @pytest.mark.parametrize("name,router", ROUTER_CASES)
+@pytest.mark.usefixtures("gather_mode")
 def test_identical_experts_reproduce_dense_fp32(name, router):
     make, _ = MLPS[name]
     torch.manual_seed(0)
@@ -164,6 +173,7 @@ def test_identical_experts_reproduce_dense_fp32(name, router):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "phi_quick_gelu"])
+@pytest.mark.usefixtures("gather_mode")
 def test_zero_token_experts(name):
     """Experts that receive no token: zero gradient (not stale memory), others exact."""
     make, _ = MLPS[name]
@@ -198,6 +208,7 @@ def test_zero_token_experts(name):
 
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("name", ["gpt2", "llama_bias", "gemma", "neox", "phi_quick_gelu"])
+@pytest.mark.usefixtures("gather_mode")
 def test_gradcheck_fused_backward(name, recompute):
     """The custom backward against finite differences (float64), routing weights included, with the
     activation saved for backward or recomputed in it."""
@@ -221,6 +232,7 @@ def test_gradcheck_fused_backward(name, recompute):
 
 
 @pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.usefixtures("gather_mode")
 def test_dropout_train_mode_gradcheck_and_eval_exact(recompute):
     from transformers import GPT2Config
     from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
@@ -371,6 +383,7 @@ def test_fused_cosine_and_mean_matches_reference(masked, expanded):
     torch.testing.assert_close(s_only, results[0][0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.usefixtures("gather_mode")
 def test_autocast_region_runs_in_weight_dtype():
     torch.manual_seed(0)
     block = MoEBlock.from_dense(_llama(), _config(), noise_std=0.1)
@@ -379,3 +392,143 @@ def test_autocast_region_runs_in_weight_dtype():
         out = block(x)
     (out.hidden_states.float().pow(2).sum() + out.router_loss).backward()
     assert torch.isfinite(x.grad).all() and block.experts.w_in[0].grad is not None
+
+
+# ---------------------------------------------------------------------------- sync-free (CUDA) path, run on CPU
+def _tiled_pair(make, router="top2"):
+    _, fast, slow = _pair(make, router)
+    fast.experts.sync_free = True  # the CUDA path, forced on CPU
+    return fast, slow
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_bias", "gemma", "phi_quick_gelu"])
+def test_sync_free_tiled_path_matches_module_path(name):
+    """`GroupedExperts.forward_tiled` (no expert counts on the host): same outputs and gradients as the
+    ModuleList path, for gated/plain MLPs, with biases, and for an activation without a fused backward."""
+    make, _ = MLPS[name]
+    fast, slow = _tiled_pair(make)
+    x = torch.randn(3, 11, D, dtype=torch.float64)
+    y_fast, gx_fast = _run(fast, x)
+    y_slow, gx_slow = _run(slow, x)
+    torch.testing.assert_close(y_fast, y_slow, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(gx_fast, gx_slow, rtol=TOL, atol=TOL)
+    for g_fast, g_slow in zip(_expert_grads(fast), _expert_grads(slow)):
+        for n in g_slow:
+            torch.testing.assert_close(g_fast[n], g_slow[n], rtol=TOL, atol=TOL, msg=n)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_sync_free_tiled_path_gradcheck_with_idle_experts(recompute):
+    from spectra.experts import tile_layout
+
+    torch.manual_seed(0)
+    d = 4
+    ex = group_experts(_llama_bias(d, 6).double(), 3, noise_std=0.2)
+    ex.recompute_activation = recompute
+    x = torch.randn(5, d, dtype=torch.float64, requires_grad=True)
+    exp = torch.tensor([0, 0, 0, 2, 2, 2, 2, 2])  # expert 1 idle; sorted
+    tok = torch.tensor([0, 1, 2, 3, 4, 0, 2, 4])
+    w = torch.rand(8, dtype=torch.float64, requires_grad=True)
+    lay = tile_layout(exp, tok, 3, 5, rows=2)
+    assert lay.tile_expert[:4].tolist() == [0, 0, 2, 2] and lay.pos.tolist() == [0, 1, 2, 4, 5, 6, 7, 8]
+    # padding rows (expert 0's second tile, row 3) and the unused tiles (5, 6) read the zero row N = 5
+    assert lay.src[3] == 5 and (lay.src.view(-1, 2)[5:] == 5).all() and lay.src.view(-1, 2).shape[0] == 7
+    names = [n for n, _ in ex.named_parameters()]
+    ps = [p.detach().clone().requires_grad_(True) for _, p in ex.named_parameters()]
+
+    def g(x, w, *ps):
+        return _tiled_call(ex, names, ps, x, tok, exp, w)
+
+    assert torch.autograd.gradcheck(g, (x, w, *ps), eps=1e-6, atol=1e-5)
+    ref = ex(x, tok, w, [3, 0, 5])  # the loop path
+    torch.testing.assert_close(ex.forward_tiled(x, tok, exp, w), ref, rtol=TOL, atol=TOL)
+    y = ex.forward_tiled(x, tok, exp, w)
+    y.sum().backward()
+    assert torch.count_nonzero(ex.w_in[1].grad) == 0  # idle expert: a zero gradient (not None) on this path
+
+
+def _tiled_call(ex, names, ps, x, tok, exp, w):
+    class _Tiled(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, tok, exp, w):
+            return self.inner.forward_tiled(x, tok, exp, w)
+
+    return functional_call(_Tiled(ex), {f"inner.{n}": p for n, p in zip(names, ps)}, (x, tok, exp, w))
+
+
+def test_sync_free_tiled_path_dropout_eval_exact_and_train_active():
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+    torch.manual_seed(0)
+    mlp = GPT2MLP(6, GPT2Config(n_embd=4, n_head=2, activation_function="gelu_new", resid_pdrop=0.3)).double()
+    ex = group_experts(mlp, 2, noise_std=0.1)
+    x = torch.randn(4, 4, dtype=torch.float64)
+    tok, exp = torch.tensor([0, 1, 2, 3, 1, 3]), torch.tensor([0, 0, 0, 0, 1, 1])
+    w = torch.rand(6, dtype=torch.float64)
+    ex.eval()
+    torch.testing.assert_close(ex.forward_tiled(x, tok, exp, w), ex(x, tok, w, [4, 2]), rtol=TOL, atol=TOL)
+    ex.train()
+    assert not torch.allclose(ex.forward_tiled(x, tok, exp, w), ex.eval()(x, tok, w, [4, 2]))
+
+
+def test_expert_counts_equal_bincount():
+    from spectra.experts import expert_counts
+
+    idx = torch.tensor([3, 0, 3, 1, 3])
+    assert expert_counts(idx, 5).tolist() == torch.bincount(idx, minlength=5).tolist() == [1, 1, 0, 3, 0]
+
+
+def test_finiteness_check_names_the_layer_and_accepts_huge_finite_values():
+    """CPU: one fp32 sum first; a sum that overflows (finite inputs near the fp32 maximum) falls back
+    to the exact element-wise test instead of raising."""
+    from spectra.moe import NonFiniteInputError
+
+    block = MoEBlock.from_dense(_llama(), _config(), noise_std=0.0)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(2, 3, D)
+        x[1, 2, 5] = bad
+        with pytest.raises(NonFiniteInputError, match=r"MoE layer 0 \('moe_layer_0'\)"):
+            block(x)
+    huge = torch.full((2, 3, D), 3e38)
+    assert not torch.isfinite(huge.sum())
+    block.check_finite(huge)  # no error: every value is finite
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_forward_has_no_host_sync_per_layer():
+    """On CUDA the MoE layers' finiteness checks and the grouped dispatch never wait for the device,
+    except the one check of the last MoE layer (`torch.cuda.set_sync_debug_mode('error')` raises on any
+    synchronising call); the tiled path gives the loop path's outputs and gradients."""
+    from spectra.moe import NonFiniteInputError
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    mlp = _llama(64, 128)
+    cfg = MoEConfig.from_variant("top2", hidden_size=64, num_experts=E, extra={"num_layers": 3})
+    blocks = [MoEBlock.from_dense(mlp, cfg, noise_std=0.1, layer_idx=i).to(dev) for i in range(3)]
+    x = torch.randn(300, 64, device=dev, requires_grad=True)
+    tok = torch.arange(300, device=dev).repeat(2)
+    exp = torch.randint(0, E, (600,), device=dev)
+    w = torch.rand(600, device=dev, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ys = []
+        for b in blocks[:2]:  # not the last MoE layer: no sync at all, forward and backward
+            b.check_finite(x)
+            ys.append(b.dispatch(x, tok, exp, w))
+        torch.stack(ys).pow(2).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    blocks[2].check_finite(x)  # the last layer checks every pending flag once (and finds none bad)
+    ref = blocks[0].experts(x.detach(), tok[torch.argsort(exp, stable=True)], w.detach()[torch.argsort(exp, stable=True)],
+                            torch.bincount(exp, minlength=E).tolist())
+    torch.testing.assert_close(ys[0].detach(), ref, rtol=1e-4, atol=1e-4)
+    bad = x.detach().clone()
+    bad[7, 3] = float("nan")
+    blocks[1].check_finite(bad)  # deferred ...
+    with pytest.raises(NonFiniteInputError, match="MoE layer 1"):
+        blocks[2].check_finite(x)  # ... and reported by the last layer, naming the layer it came from
