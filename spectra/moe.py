@@ -167,6 +167,8 @@ class MoEBlock(nn.Module):
                 raise NonFiniteInputError(_non_finite_message(self.layer_idx, self.name))
             return
         pending = _PENDING_FINITE.__dict__.setdefault("flags", [])
+        if self.layer_idx == 0:  # a new forward: flags of an aborted earlier call are not this call's
+            pending.clear()
         pending.append((self.layer_idx, self.name, torch.isfinite(hidden_states).all()))
         if self.layer_idx < int(self.config.extra.get("num_layers", 1)) - 1:
             return

@@ -66,10 +66,10 @@ def log_sinkhorn(
 
     log_col = math.log(n_valid / e)
     g = logits.new_zeros(1, e)
+    f = -torch.logsumexp(logits, dim=1, keepdim=True)  # finite on every row
     for _ in range(iters):
-        f = -torch.logsumexp(logits + g, dim=1, keepdim=True)  # finite on every row
+        f = -torch.logsumexp(logits + g, dim=1, keepdim=True)
         g = log_col - torch.logsumexp(torch.where(valid, logits + f, neg_inf), dim=0, keepdim=True)
-    f = -torch.logsumexp(logits + g, dim=1, keepdim=True) if iters == 0 else f
     log_plan = torch.where(valid, logits + f + g, neg_inf)
     plan = torch.where(valid, (logits + f + g).exp(), 0.0)
     row_log_plan = (logits + g).log_softmax(-1)

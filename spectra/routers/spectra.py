@@ -316,7 +316,8 @@ class SpectraRouter(Router):
                             losses, stats, state_update)
 
     def _uses_potential(self) -> bool:
-        return self.config.inference_bias == "potential" and self.config.use_sinkhorn and not self.training
+        """True when the inference rule adds ḡ_ℓ (in training it is evaluated only for the agreement stat)."""
+        return self.config.inference_bias == "potential" and self.config.use_sinkhorn
 
     # ------------------------------------------------------------------ once-per-step state
     def _extra_statistics(self, records: list[dict[str, torch.Tensor]], stats: dict[str, torch.Tensor]) -> None:
