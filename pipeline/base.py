@@ -1,5 +1,6 @@
-"""DVC stage `base` (``python pipeline/base.py <profile>``): the dense base model of a profile, and its
-per-domain perplexity against a unigram baseline.
+"""DVC stage `base` (``python pipeline/base.py <profile>``): the dense base model of the upcycling arm, and its
+per-domain perplexity against a unigram baseline. A base pretrained here sees only the pretraining part of the
+training blocks (`pretrain_partition`); every experiment run trains on the other part.
 
 scratch  a GPT-2-architecture model (`GPT2LMHeadModel`) pretrained from scratch on the corpus
 smollm2  the real pretrained SmolLM2-135M from the pinned offline package
@@ -11,18 +12,12 @@ from __future__ import annotations
 import json
 import time
 
-from common import data_identity, fingerprint, load_params, paths, profile, stage_args, timed_stage, write_json
+from common import (data_identity, eval_subset, fingerprint, load_params, paths, pretrain_partition, profile,
+                    stage_args, timed_stage, write_json)
 import numpy as np  # noqa: E402  (after common: it sets OMP_WAIT_POLICY)
 import torch  # noqa: E402
 from spectra import evaluate  # noqa: E402
 from spectra.train import TrainSettings, train
-
-
-def eval_subset(blocks: np.ndarray, domains: np.ndarray, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """A deterministic domain-stratified subset: the first ⌈max/D⌉ blocks of each domain."""
-    per = -(-max_blocks // max(1, len(np.unique(domains))))
-    idx = np.concatenate([np.flatnonzero(domains == d)[:per] for d in np.unique(domains)])
-    return blocks[idx], domains[idx]
 
 
 def build_base(params: dict, meta: dict):
@@ -52,14 +47,19 @@ def main(profile_name: str) -> None:
     params = load_params(profile_name)
     prof, p = profile(params), paths(params)
     meta = json.loads((p["tokens"] / "meta.json").read_text())
-    train_blocks = np.load(p["tokens"] / "train_tokens.npy")
+    all_train = np.load(p["tokens"] / "train_tokens.npy")
+    pretrain, _ = pretrain_partition(len(all_train), prof["data"].get("pretrain_fraction", 0.0))
+    train_blocks = all_train[pretrain]  # the fresh rest is what the upcycling arm continues on
     out_dir = p["runs"] / "base"
     model, trainable = build_base(params, meta)
     summary: dict = {"source": prof["base"]["source"], "parameters": sum(x.numel() for x in model.parameters())}
     if trainable:
+        if len(train_blocks) == 0:
+            raise SystemExit(f"params.yaml: profiles.{params['profile']}.data.pretrain_fraction is 0, so a base "
+                             "pretrained here has no data; set it > 0 (e.g. 0.5).")
         settings = TrainSettings(**prof["base"]["train"], seed=0)
         t0 = time.perf_counter()
-        summary.update(train(model, train_blocks, settings, out_dir / "state", fingerprint=fingerprint(prof["base"], data_identity(meta))))
+        summary.update(train(model, train_blocks, settings, out_dir / "state", fingerprint=fingerprint(prof["base"], data_identity(meta), prof["data"].get("pretrain_fraction"))))
         timing = {**summary.pop("timing"), "wall_seconds_train": time.perf_counter() - t0}
         write_json(out_dir / "timing.json", timing)  # measurements; metrics.json stays deterministic
     else:  # a pretrained base is not trained here: its (persisted) resume folder stays empty
@@ -70,7 +70,8 @@ def main(profile_name: str) -> None:
                                np.load(p["tokens"] / "validation_domains.npy"), prof["eval"]["max_blocks"])
     summary["validation"] = evaluate.perplexity(model, val, val_dom, meta["domains"])
     summary["unigram"] = evaluate.unigram_perplexity(train_blocks, val, val_dom, meta["domains"], meta["vocab_size"])
-    summary["train_tokens_available"] = int(train_blocks.size)
+    summary["train_tokens_available"] = int(train_blocks.size)  # the pretraining part
+    summary["fresh_tokens_available"] = int(all_train.size - train_blocks.size)
     write_json(out_dir / "metrics.json", summary)
     print(json.dumps({"val_ppl": summary["validation"]["ppl"], "unigram_ppl": summary["unigram"]["ppl"]}))
 

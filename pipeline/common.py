@@ -28,9 +28,13 @@ STARTED = time.perf_counter()  # a stage's wall time counts from here (its scrip
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 from spectra.config import VARIANTS, ConfigError, MoEConfig  # noqa: E402
 
-SECTIONS = ("data", "base", "moe", "train", "eval", "enabled", "benchmark")
+SECTIONS = ("data", "base", "moe", "scratch", "upcycle", "eval", "enabled", "benchmark")
+ARMS = ("scratch", "upcycle")  # README 'Experiment': from scratch (the main table) and upcycled from the base
+FOCUS = "spectra"  # the variant every comparison is paired against; it runs `focus_seeds` seeds
 DEFAULT = "default"  # the profile of the root dvc.yaml / dvc.lock, whose paper is committed (`make paper`)
 
 
@@ -67,22 +71,37 @@ def validate(params: dict[str, Any]) -> None:
         if missing:
             raise ParamsError(f"params.yaml: profiles.{name} lacks section(s) {missing}.")
     variants = params.get("variants") or {}
-    allowed = ["dense", *VARIANTS]
-    for v in variants:
+    allowed = ["dense", "dense_2x", *VARIANTS]
+    for v, spec in variants.items():
         if v not in allowed:
             raise ParamsError(f"params.yaml: variants.{v} is not a known variant; allowed values: {', '.join(allowed)}.")
-    for key, run in (params.get("runs") or {}).items():
-        if run.get("variant") not in variants:
-            raise ParamsError(f"params.yaml: runs.{key}.variant={run.get('variant')!r} is not listed under `variants:` "
-                              f"(known: {', '.join(variants)}).")
-        if not isinstance(run.get("seed"), int):
-            raise ParamsError(f"params.yaml: runs.{key}.seed must be an integer.")
+        if (spec or {}).get("kind", "moe") not in ("dense", "moe"):
+            raise ParamsError(f"params.yaml: variants.{v}.kind={spec['kind']!r}; allowed: dense, moe (the default).")
+    arms = params.get("arms") or {}
+    if set(arms) != set(ARMS):
+        raise ParamsError(f"params.yaml: `arms:` must list the variants of each of {', '.join(ARMS)}.")
+    for arm, names_ in arms.items():
+        for v in names_:
+            if v not in variants:
+                raise ParamsError(f"params.yaml: arms.{arm} lists {v!r}, which is not under `variants:` "
+                                  f"(known: {', '.join(variants)}).")
     for name in names:
-        enabled = profiles[name]["enabled"]
-        if enabled != "all" and not (isinstance(enabled, list) and set(enabled) <= set(variants)):
-            raise ParamsError(f"params.yaml: profiles.{name}.enabled must be 'all' or a list of variant names.")
+        prof = profiles[name]
+        for arm in ARMS:
+            spec = prof[arm]
+            for field in ("seeds", "focus_seeds"):
+                if not isinstance(spec.get(field), int) or spec[field] < 1:
+                    raise ParamsError(f"params.yaml: profiles.{name}.{arm}.{field} must be a positive integer.")
+            if spec["focus_seeds"] < spec["seeds"]:
+                raise ParamsError(f"params.yaml: profiles.{name}.{arm}.focus_seeds < seeds; make it >= seeds.")
+            enabled = prof["enabled"].get(arm) if isinstance(prof["enabled"], dict) else None
+            if enabled != "all" and not (isinstance(enabled, list) and set(enabled) <= set(variants)):
+                raise ParamsError(f"params.yaml: profiles.{name}.enabled.{arm} must be 'all' or a list of variant "
+                                  f"names.")
+        if not 0.0 <= prof["data"].get("pretrain_fraction", 0.0) < 1.0:
+            raise ParamsError(f"params.yaml: profiles.{name}.data.pretrain_fraction must be in [0, 1).")
         for v in variants:
-            if v != "dense":
+            if not is_dense(params, v):
                 try:
                     moe_config({**params, "profile": name}, v, hidden_size=8)
                 except (ConfigError, TypeError) as exc:
@@ -94,18 +113,60 @@ def profile(params: dict[str, Any]) -> dict[str, Any]:
     return params["profiles"][params["profile"]]
 
 
+def is_dense(params: dict[str, Any], variant: str) -> bool:
+    """A dense model (no router): `kind: dense` in params.yaml `variants:`."""
+    return (params["variants"].get(variant) or {}).get("kind") == "dense"
+
+
 def moe_config(params: dict[str, Any], variant: str, hidden_size: int, num_layers: int = 1) -> MoEConfig:
     prof = profile(params)
     base = {k: v for k, v in prof["moe"].items() if k not in ("layers", "noise_std")}
     overrides = dict(params["variants"].get(variant) or {})
     overrides.pop("router", None)
+    overrides.pop("kind", None)
     return MoEConfig.from_variant(variant, hidden_size=hidden_size, extra={"num_layers": num_layers},
                                   **{**base, **overrides})
 
 
-def run_enabled(params: dict[str, Any], variant: str) -> bool:
-    enabled = profile(params)["enabled"]
+def run_enabled(params: dict[str, Any], arm: str, variant: str) -> bool:
+    """Whether the profile runs ``variant`` in ``arm`` (params.yaml `enabled:`)."""
+    enabled = profile(params)["enabled"][arm]
     return enabled == "all" or variant in enabled
+
+
+def enabled_variants(params: dict[str, Any], arm: str) -> list[str]:
+    """The variants of ``arm`` this profile runs, in the order of params.yaml `arms:`."""
+    return [v for v in params["arms"][arm] if run_enabled(params, arm, v)]
+
+
+def seeds_of(params: dict[str, Any], arm: str, variant: str) -> list[int]:
+    """The seeds a variant's own stage runs: `seeds`, or `focus_seeds` for SPECTRA (the strongest baseline's extra
+    seeds run in stage `extra_<arm>`)."""
+    spec = profile(params)[arm]
+    return list(range(spec["focus_seeds"] if variant == FOCUS else spec["seeds"]))
+
+
+# ------------------------------------------------------------------------------------------ data partitions
+def pretrain_partition(n_blocks: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Split the training blocks once: ``(pretrain, fresh)`` index arrays. The base is pretrained on `pretrain`
+    only; every run of both arms trains on `fresh`, which the base never saw. A fixed permutation (seed 0) of the
+    blocks, so every domain is in both parts in proportion."""
+    perm = np.random.default_rng(0).permutation(n_blocks)
+    cut = int(round(fraction * n_blocks))
+    return np.sort(perm[:cut]), np.sort(perm[cut:])
+
+
+def eval_subset(blocks: np.ndarray, domains: np.ndarray, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic domain-stratified subset of held-out blocks: ⌈max/D⌉ blocks of each domain, evenly spaced over
+    all of that domain's blocks (so over all of its documents, which are stored in order); all of them when the
+    domain has fewer."""
+    per = -(-max_blocks // max(1, len(np.unique(domains))))
+    idx = []
+    for d in np.unique(domains):
+        rows = np.flatnonzero(domains == d)
+        idx.append(rows if len(rows) <= per else rows[np.unique(np.linspace(0, len(rows) - 1, per).round().astype(int))])
+    idx = np.concatenate(idx)
+    return blocks[idx], domains[idx]
 
 
 def data_identity(meta: dict[str, Any]) -> dict[str, Any]:
@@ -135,6 +196,8 @@ def paths(params: dict[str, Any]) -> dict[str, Path]:
         "tokenizer": ROOT / "data" / p / "tokenizer",
         "tokens": ROOT / "data" / p / "tokens",
         "runs": ROOT / "runs" / p,
+        "state": ROOT / "runs" / p / "state",  # resume points (persisted, not cached, never read by analyses)
+        "timing": ROOT / "runs" / p / "timing",  # wall times (vary run to run; kept apart from the results)
         "results": ROOT / "results" / p,
         "executed": ROOT / "notebooks" / "executed" / p,
         "paper": ROOT / "paper" / p,

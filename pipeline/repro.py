@@ -3,7 +3,7 @@
     python pipeline/repro.py <profile> [<dvc command> [args...]]     # the command defaults to `repro`
     python pipeline/repro.py tiny                    # build the tiny profile, then print the stage times and the PDF
     python pipeline/repro.py tiny status             # what would rerun
-    python pipeline/repro.py default repro report    # stage names are those of dvc.yaml (`train@spectra-s0`, ...)
+    python pipeline/repro.py default repro report    # stage names are those of dvc.yaml (`scratch@spectra`, `upcycle@top2`, ...)
 
 Every profile runs the stages of the one dvc.yaml, with ``profile`` set (DVC `vars`), and writes only its own
 data/<profile>/, runs/<profile>/, results/<profile>/, notebooks/executed/<profile>/ and paper/<profile>/.
@@ -87,7 +87,7 @@ def dvc_env(profile: str) -> dict[str, str]:
 
 
 def dvc_command(profile: str, command: str, args: list[str]) -> list[str]:
-    """``dvc <command> [args]`` on the profile's pipeline: stage names (`report`, `train@top2-s0`) are qualified
+    """``dvc <command> [args]`` on the profile's pipeline: stage names (`report`, `scratch@top2`) are qualified
     with its dvc.yaml; without any, the whole pipeline is the target."""
     file = pipeline_file(profile)
     rel = file.relative_to(ROOT).as_posix()

@@ -1,6 +1,6 @@
 """SPECTRA-MoE: Sinkhorn-routed Mixture-of-Experts and a universal Hugging Face upcycler."""
 
-from .config import ABLATIONS, BASELINES, ROUTER_NAMES, VARIANTS, ConfigError, MoEConfig
+from .config import ABLATIONS, BASELINES, CONTROLS, ROUTER_NAMES, VARIANTS, ConfigError, MoEConfig
 from .moe import FeedForward, MoEBlock, MoEOutput, NonFiniteInputError
 from .routers import Router, RouterOutput, build_router
 from .routers.base import ReentrantCheckpointError
@@ -9,18 +9,18 @@ from .sinkhorn import log_sinkhorn
 __version__ = "0.1.0"
 
 __all__ = [
-    "ABLATIONS", "BASELINES", "ROUTER_NAMES", "VARIANTS", "ConfigError", "FeedForward", "MoEBlock", "MoEConfig",
+    "ABLATIONS", "BASELINES", "CONTROLS", "ROUTER_NAMES", "VARIANTS", "ConfigError", "FeedForward", "MoEBlock", "MoEConfig",
     "MoEOutput", "NonFiniteInputError", "ReentrantCheckpointError", "Router", "RouterOutput", "build_router", "log_sinkhorn",
 ]
 
 from .upcycle import (  # noqa: E402
-    RoutingStateCallback, SwappedGate, UnsupportedModelError, UpcycledMLP, expression_ablation, find_decoder_layers,
-    find_mlp, load, moe_config_of, register_mlp, routed_modules, routers_of, routing_stats, save, step_routers,
-    swap_router, unregister_mlp, upcycle,
+    RoutingStateCallback, SwappedGate, UnsupportedModelError, UpcycledMLP, break_symmetry, expression_ablation,
+    find_decoder_layers, find_mlp, load, moe_config_of, register_mlp, routed_modules, routers_of, routing_stats, save,
+    step_routers, swap_router, unregister_mlp, upcycle,
 )
 
 __all__ += [
-    "RoutingStateCallback", "SwappedGate", "UnsupportedModelError", "UpcycledMLP", "expression_ablation",
+    "RoutingStateCallback", "SwappedGate", "UnsupportedModelError", "UpcycledMLP", "break_symmetry", "expression_ablation",
     "find_decoder_layers", "find_mlp", "load", "moe_config_of", "register_mlp", "routed_modules", "routers_of",
     "routing_stats", "save", "step_routers", "swap_router", "unregister_mlp", "upcycle",
 ]

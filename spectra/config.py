@@ -29,10 +29,11 @@ ROUTER_NAMES = (
     "gramspec",
 )
 
-#: Paper variants: SPECTRA, its five ablations (method page §2) and the baselines (§3).
+#: Paper variants: SPECTRA, its five ablations (method page §2), the baselines (§3) and the routing control.
 #: `dense` is not a router: it is the base model continued-trained without upcycling.
 VARIANTS: dict[str, dict[str, Any]] = {
     "spectra": {"router": "spectra"},
+    "spectra_k1": {"router": "spectra", "top_k": 1},  # like-with-like against the top-1 routers (compute of k = 1)
     "no_context": {"router": "spectra", "context": "none"},
     "no_expression": {"router": "spectra", "expression": "learned"},
     "no_sinkhorn": {"router": "spectra", "use_sinkhorn": False},
@@ -47,10 +48,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "aux_free": {"router": "aux_free"},
     "ssr": {"router": "ssr"},
     "gramspec": {"router": "gramspec"},
+    # the routing control: a top-2 softmax router whose gate is a random linear map never trained (`router_trainable`)
+    "random_router": {"router": "top2", "top_k": 2, "router_trainable": False, "aux_loss_coef": 0.0},
 }
 ABLATIONS = ("no_context", "no_expression", "no_sinkhorn", "no_repulsion", "no_ortho")
 BASELINES = ("dense", "switch_top1", "top2", "gshard_top2", "expert_choice", "hash", "base", "aux_free", "ssr",
              "gramspec")
+#: Routing controls (not baselines: they show how much *learned* routing matters). `random_router`: a frozen
+#: random top-2 gate, the same MoE otherwise.
+CONTROLS = ("random_router",)
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "router": ROUTER_NAMES,
@@ -94,6 +100,12 @@ class MoEConfig:
         (see `spectra.routers.topk.AuxFreeRouter`); ssr_fraction: the fraction of training steps on which
         `ssr` routes by the Sinkhorn plan (deterministic in the step counter), ssr_sinkhorn_iters its
         Sinkhorn rounds on those steps.
+    Training
+        router_trainable: False freezes the router — its parameters get ``requires_grad_(False)`` when it is
+        built (`spectra.routers.build_router`: upcycle, swap_router, an `MoEBlock` with its own router, and
+        the rebuild of a saved model), so no optimizer step changes them and the routing stays the fixed
+        function of the hidden state it was initialised to (the `random_router` control). Buffers (load
+        EMAs, aux-free bias) still update in `step_routers`.
     Upcycling
         unit_combine: divide each token's combine weights by the stop-gradient of their sum, so they sum to
         exactly 1 (identical experts reproduce the dense MLP at step 0) while the gate keeps its gradient
@@ -136,6 +148,8 @@ class MoEConfig:
     bias_update_rate: float = 1e-2
     ssr_fraction: float = 0.01
     ssr_sinkhorn_iters: int = 20
+    # training
+    router_trainable: bool = True
     # upcycling
     unit_combine: bool | None = None
     # dispatch
@@ -190,6 +204,9 @@ class MoEConfig:
         if not (isinstance(self.ssr_fraction, (int, float)) and 0.0 < self.ssr_fraction <= 1.0):
             raise ConfigError(f"MoEConfig.ssr_fraction={self.ssr_fraction!r}: must be in (0, 1] (the fraction of "
                               "training steps routed by the Sinkhorn plan; 1 = every step).")
+        if not isinstance(self.router_trainable, bool):
+            raise ConfigError(f"MoEConfig.router_trainable={self.router_trainable!r}: must be True (the router learns) or "
+                              "False (a frozen router, e.g. the random_router control).")
         if self.unit_combine not in (None, True, False):
             raise ConfigError(f"MoEConfig.unit_combine={self.unit_combine!r}: must be True, False or None (= on when "
                               "upcycled, off from scratch).")

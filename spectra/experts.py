@@ -56,7 +56,10 @@ run on CPU).
 
 ``experts[e]`` materialises expert e as a standalone copy of the original MLP class (for inspection and
 tests); ``len(experts)`` is E. `expert_views(e)` maps the original MLP's parameter names to expert e's
-tensors (views), which is how upcycling noise, `__getitem__` and the tests address them.
+tensors (views), which is how upcycling noise, `__getitem__` and the tests address them. `unit_matrices(e)`
+gives the same matrices indexed by intermediate unit (rows of the input projection, columns of the output
+one), which is how `spectra.upcycle.break_symmetry` re-initialises units (Drop-Upcycling, `reinitialise_units_`)
+or adds noise from a private generator (`add_noise_`).
 """
 
 from __future__ import annotations
@@ -647,6 +650,45 @@ class GroupedExperts(nn.Module):
         if b_out is not None:
             views[f"{b}.bias"] = b_out
         return views
+
+    @property
+    def intermediate_size(self) -> int:
+        """I, the number of intermediate units of each expert."""
+        return self.w_out[0].shape[1]
+
+    def unit_matrices(self, e: int) -> dict[str, tuple[torch.Tensor, int]]:
+        """Expert e's weight matrices (views) with the axis that indexes its I intermediate units:
+        ``glu``: ``gate`` [I, D] and ``up`` [I, D] (the two row blocks of ``w_in[e]``, axis 0) and ``down``
+        [D, I] (``w_out[e]``, axis 1); other kinds: ``in`` [I, D] (axis 0) and ``out`` [D, I] (axis 1).
+        Unit u of the expert is row u of every axis-0 matrix and column u of every axis-1 matrix."""
+        w_in, w_out = self.w_in[e], self.w_out[e]
+        if self.gated:
+            i = w_out.shape[1]
+            return {"gate": (w_in[:i], 0), "up": (w_in[i:], 0), "down": (w_out, 1)}
+        return {"in": (w_in, 0), "out": (w_out, 1)}
+
+    @torch.no_grad()
+    def reinitialise_units_(self, e: int, units: torch.Tensor, moments: dict[str, tuple[float, float]],
+                            generator: torch.Generator) -> None:
+        """Drop-Upcycling of expert e, in place: the rows / columns of `units` (int64 indices into I) of
+        every matrix of `unit_matrices` (glu: gate AND up rows of the same units, and the down columns)
+        are redrawn from N(mean, std), ``moments[name] = (mean, std)`` of that matrix in the dense MLP.
+        Biases are not touched (the units keep their copied biases). Draws are made on the CPU in float32
+        from `generator`, matrix after matrix in `unit_matrices` order, then cast to the weights' device
+        and dtype, so one generator state gives the same experts on every device."""
+        for name, (w, axis) in self.unit_matrices(e).items():
+            mean, std = moments[name]
+            shape = (units.numel(), w.shape[1]) if axis == 0 else (w.shape[0], units.numel())
+            draw = torch.randn(shape, generator=generator, dtype=torch.float32).mul_(std).add_(mean)
+            w.index_copy_(axis, units.to(w.device), draw.to(device=w.device, dtype=w.dtype))
+
+    @torch.no_grad()
+    def add_noise_(self, e: int, noise_std: float, stds: dict[str, float], generator: torch.Generator) -> None:
+        """Expert e's matrices += N(0, 1) · noise_std · ``stds[name]`` (the dense matrix's std), in place;
+        draws on the CPU in float32 from `generator` in `unit_matrices` order; biases untouched."""
+        for name, (w, _) in self.unit_matrices(e).items():
+            draw = torch.randn(w.shape, generator=generator, dtype=torch.float32).mul_(noise_std * stds[name])
+            w.add_(draw.to(device=w.device, dtype=w.dtype))
 
     def stacked(self) -> dict[str, torch.Tensor]:
         """Detached [E, ...] copies of the parameters (e.g. to load into a stacked-weight MoE such as

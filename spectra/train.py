@@ -22,7 +22,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -173,13 +173,18 @@ def train(
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     fingerprint: str = "",
     stop_after: int | None = None,
+    evaluate: Callable[[nn.Module, int], dict[str, Any]] | None = None,
+    eval_steps: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Train `model` (an HF causal LM, dense or upcycled) for `settings.steps` optimizer steps.
 
     Writes `run_dir/log.jsonl` (one line per step) and `run_dir/checkpoint.pt` (every
     `save_every` steps and at the end). `fingerprint` identifies the run configuration: a checkpoint
     written under another fingerprint is ignored (the run starts afresh), never resumed. `stop_after` stops
-    early after that many steps (used by tests to simulate an interruption). Returns a summary.
+    early after that many steps (used by tests to simulate an interruption). `evaluate(model, step)` is called
+    after the optimizer steps listed in `eval_steps` (the model in eval mode, no autograd; set back to train mode
+    after); what it returns is merged into that step's log line (e.g. a held-out loss: the learning curve), so a
+    resumed run keeps the evaluations of the steps its checkpoint covers. Returns a summary.
     """
     from accelerate import Accelerator
 
@@ -250,7 +255,13 @@ def train(
         record = {"step": step + 1, "loss": loss_sum, "lm_loss": loss_sum - router_sum, "router_loss": router_sum,
                   "router_losses": router_parts, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                   "tokens": (step + 1) * tokens_per_step, **routing_log(outputs)}
-        if accelerator.is_main_process and ((step + 1) % settings.log_every == 0 or step + 1 == settings.steps):
+        if evaluate is not None and step + 1 in eval_steps:
+            raw.eval()
+            with torch.no_grad():
+                record.update(evaluate(raw, step + 1))
+            raw.train()
+        if accelerator.is_main_process and ((step + 1) % settings.log_every == 0 or step + 1 == settings.steps
+                                            or step + 1 in eval_steps):
             with log_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             log_lines += 1

@@ -36,7 +36,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import inspect
+import math
+import numbers
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -46,6 +49,7 @@ from transformers import TrainerCallback
 from transformers.utils import ModelOutput
 
 from .config import VARIANTS, ConfigError, MoEConfig
+from .experts import GroupedExperts
 from .moe import MoEBlock, _flat, route_tokens
 from .routers import Router, RoutingCall, build_router
 
@@ -591,7 +595,8 @@ def _check_fresh(model: nn.Module) -> None:
 
 def upcycle(model: nn.Module, router: str | MoEConfig = "spectra", num_experts: int | None = None,
             top_k: int | None = None, layers: str | Sequence[int] = "all", every_n: int | None = None,
-            noise_std: float = 0.0, variant: str | None = None, **config_overrides: Any) -> nn.Module:
+            noise_std: float = 0.0, variant: str | None = None, *, symmetry_breaking: str = "none",
+            drop_fraction: float = 0.5, symmetry_seed: int = 0, **config_overrides: Any) -> nn.Module:
     """Dense → MoE, in place (returns ``model``).
 
     Args:
@@ -601,7 +606,12 @@ def upcycle(model: nn.Module, router: str | MoEConfig = "spectra", num_experts: 
         layers: ``"all"`` or a list of decoder-layer indices; ``every_n=n`` converts the layers i with
             (i + 1) % n == 0 (the HF ``decoder_sparse_step`` convention: 1, 3, 5, … for n = 2).
         noise_std: relative Gaussian noise added to each expert copy (0: identical experts, so the
-            upcycled model reproduces the dense logits when the combine weights sum to 1).
+            upcycled model reproduces the dense logits when the combine weights sum to 1). With
+            ``symmetry_breaking="none"`` it is drawn from the global RNG while the experts are built (the
+            original behaviour); with ``symmetry_breaking="noise"`` it is the noise scale of `break_symmetry`.
+        symmetry_breaking, drop_fraction, symmetry_seed: after building, call ``break_symmetry(model,
+            symmetry_breaking, fraction=drop_fraction, noise_std=noise_std, seed=symmetry_seed)``
+            ("none": identical copies; "noise"; "drop": Drop-Upcycling). Checked before the model is changed.
         **config_overrides: any other `MoEConfig` field (router_dim=64, sinkhorn_iters=5, …).
 
     ``MoEConfig.unit_combine`` left at None becomes True: every causal router then starts from the
@@ -610,13 +620,166 @@ def upcycle(model: nn.Module, router: str | MoEConfig = "spectra", num_experts: 
     the published weighting. Expert choice cannot start from dense (tokens no expert picks get nothing).
     """
     _check_fresh(model)
+    if symmetry_breaking != "none":
+        if symmetry_breaking == "drop" and noise_std:
+            raise ValueError(f"upcycle(noise_std={noise_std!r}, symmetry_breaking='drop'): choose one way to break the "
+                             "symmetry — Drop-Upcycling re-initialises units, noise_std adds noise; for noise from the "
+                             "seeded private generator use symmetry_breaking='noise' with noise_std.")
+        _check_symmetry_args(symmetry_breaking, drop_fraction, noise_std if symmetry_breaking == "noise" else 0.0,
+                             symmetry_seed)
     cfg = _make_config(router, variant, num_experts, top_k, config_overrides)
     if cfg.unit_combine is None:
         cfg = cfg.replace(unit_combine=True)
     stack_path, stack = find_decoder_layers(model, "mlp", cfg.hidden_size or None)
     selected = _select_layers(len(stack), layers, every_n)
-    _apply_upcycle(model, cfg, stack_path, stack, selected, noise_std)
+    build_noise = 0.0 if symmetry_breaking == "noise" else noise_std  # "noise": drawn by break_symmetry instead
+    _apply_upcycle(model, cfg, stack_path, stack, selected, build_noise)
+    if symmetry_breaking != "none":
+        break_symmetry(model, symmetry_breaking, fraction=drop_fraction,
+                       noise_std=noise_std if symmetry_breaking == "noise" else 0.0, seed=symmetry_seed)
     return model
+
+
+# ---------------------------------------------------------------------------------------------- symmetry breaking
+#: `break_symmetry` methods.
+SYMMETRY_METHODS = ("none", "noise", "drop")
+
+
+def _check_symmetry_args(method: str, fraction: float, noise_std: float, seed: int) -> None:
+    if method not in SYMMETRY_METHODS:
+        raise ValueError(f"break_symmetry: unknown method {method!r}; allowed values: {', '.join(SYMMETRY_METHODS)} "
+                         "(none: identical copies, noise: Gaussian noise, drop: Drop-Upcycling).")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"break_symmetry: seed={seed!r} must be an integer.")
+    real = isinstance(noise_std, numbers.Real) and not isinstance(noise_std, bool)
+    if not real or not math.isfinite(noise_std):
+        raise ValueError(f"break_symmetry: noise_std={noise_std!r} must be a finite number.")
+    if method == "noise" and not noise_std > 0:
+        raise ValueError(f"break_symmetry(method='noise', noise_std={noise_std!r}): the noise scale must be > 0 "
+                         "(e.g. noise_std=0.05, relative to each dense matrix's std).")
+    if method != "noise" and noise_std != 0:
+        raise ValueError(f"break_symmetry(method={method!r}, noise_std={noise_std!r}): noise_std is the scale of "
+                         "method='noise'; leave it at 0 for the other methods.")
+    if method == "drop":
+        ok = isinstance(fraction, numbers.Real) and not isinstance(fraction, bool) and 0.0 < fraction <= 1.0
+        if not ok:
+            raise ValueError(f"break_symmetry(method='drop', fraction={fraction!r}): the fraction of intermediate "
+                             "units to re-initialise must be in (0, 1] (Drop-Upcycling uses 0.5; 1.0 = independent "
+                             "experts drawn from the dense weights' statistics).")
+
+
+def _unit_generator(seed: int, layer: int, expert: int) -> torch.Generator:
+    """The private CPU generator of one (seed, decoder layer, expert): a hash of the three, so each expert's
+    draw is fixed by them alone (not by the router, the other layers or the global RNG)."""
+    digest = hashlib.sha256(f"spectra.break_symmetry:{seed}:{layer}:{expert}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _identical_experts(experts: nn.Module) -> bool:
+    if isinstance(experts, GroupedExperts):
+        lists = [p for p in (experts.w_in, experts.b_in, experts.w_out, experts.b_out) if p is not None]
+        return all(torch.equal(plist[0], plist[e]) for plist in lists for e in range(1, len(plist)))
+    ref = list(experts[0].state_dict().values())
+    return all(all(torch.equal(a, b) for a, b in zip(ref, ex.state_dict().values())) for ex in list(experts)[1:])
+
+
+@torch.no_grad()
+def break_symmetry(model: nn.Module, method: str, fraction: float = 0.5, noise_std: float = 0.0,
+                   seed: int = 0) -> dict[str, Any]:
+    """Make the identical expert copies of an upcycled model differ, in place (no autograd).
+
+    * ``"none"``: nothing (the record says so).
+    * ``"noise"``: each weight matrix of every expert ``W += N(0, 1) · noise_std · std(W_dense)`` (glu: gate,
+      up and down separately; biases untouched) — like ``upcycle(noise_std=...)`` but from the private
+      generator below.
+    * ``"drop"``: Drop-Upcycling (Nakamura et al., arXiv 2502.19261). For every MoE layer and every expert
+      independently, a random subset of ``round(fraction · I)`` of the I intermediate units is
+      re-initialised: their rows of the input projection (glu: the gate row AND the up row of the same
+      unit) and their columns of the output projection are redrawn from N(mean, std) of the corresponding
+      dense matrix (gate, up, down — or in, out — separately; the dense MLP is expert 0 before any change,
+      all experts being equal copies right after `upcycle`). The re-initialised units **keep their copied
+      biases**. ``fraction=1.0`` redraws every unit: the experts are independent draws from the dense
+      weights' statistics (from a freshly initialised dense model: independently initialised experts).
+
+    Every draw comes from a private CPU ``torch.Generator`` seeded from ``(seed, decoder-layer index,
+    expert index)`` — never the global RNG — so two models upcycled from the same dense model with
+    different routers and the same ``seed`` get bit-identical experts (one draw per seed for every router).
+    Grouped experts (`spectra.experts.GroupedExperts`) support every method; generic expert copies (an
+    MLP `group_experts` does not recognise) support "none" and "noise" (each parameter with ≥ 2 dims).
+
+    Recorded in the model's SPECTRA settings as ``settings["symmetry_breaking"]`` = {method, fraction,
+    noise_std, seed} (saved with the model; a reloaded model has the broken weights and the record).
+    Returns {method, fraction, noise_std, seed, units_reinitialised_per_expert} (the units: an int, or a
+    {decoder layer: count} dict if the MoE layers differ in width; fraction / noise_std None when unused).
+
+    Raises ValueError: a model not converted by `spectra.upcycle` (or converted by `swap_router`), an
+    unknown method, ``fraction`` outside (0, 1] (drop), ``noise_std <= 0`` (noise), experts that are not
+    identical copies any more (symmetry already broken, or ``upcycle(noise_std=...)``); NotImplementedError:
+    "drop" on generic (not grouped) experts.
+    """
+    settings = spectra_settings(model)
+    if settings is None:
+        raise ValueError("break_symmetry expects an upcycled model: convert the dense model with spectra.upcycle(model, "
+                         "...) first (or pass symmetry_breaking=... to spectra.upcycle).")
+    if settings.get("mode") != "upcycle":
+        raise ValueError(f"break_symmetry applies to models made by spectra.upcycle; this one was converted by "
+                         f"{settings.get('mode')!r} (spectra.swap_router keeps the MoE's own, already different, experts).")
+    _check_symmetry_args(method, fraction, noise_std, seed)
+    blocks = routed_modules(model)
+    if not blocks or not all(isinstance(b, UpcycledMLP) for b in blocks):
+        raise ValueError("break_symmetry: the model has no UpcycledMLP blocks; convert it with spectra.upcycle first.")
+    record: dict[str, Any] = {"method": method, "fraction": float(fraction) if method == "drop" else None,
+                              "noise_std": float(noise_std) if method == "noise" else None, "seed": int(seed)}
+    units: dict[int, int] = {}
+    if method != "none":
+        layer_ids = list(settings.get("layers") or range(len(blocks)))
+        for block in blocks:  # check every layer before changing any
+            experts = block.moe.experts
+            if not _identical_experts(experts):
+                raise ValueError(f"break_symmetry({method!r}): the experts of {block.moe_name} are not identical copies "
+                                 "of the dense MLP (symmetry already broken, by an earlier break_symmetry or by "
+                                 "upcycle(noise_std=...)); start again from spectra.upcycle(..., noise_std=0).")
+            if method == "drop" and not isinstance(experts, GroupedExperts):
+                raise NotImplementedError(
+                    f"break_symmetry('drop'): {block.moe_name} holds generic expert copies (its MLP is not one of the "
+                    "shapes spectra.experts.GroupedExperts recognises), whose intermediate units are unknown; use "
+                    "method='noise', or an MLP of a supported shape (GPT-2, LLaMA-style gate/up/down, fc1/fc2, NeoX).")
+        for ordinal, block in enumerate(blocks):
+            layer = int(layer_ids[ordinal]) if ordinal < len(layer_ids) else ordinal
+            units[layer] = _break_block(block.moe.experts, method, fraction, noise_std, seed, layer, block.moe_name)
+    widths = set(units.values())
+    record_units: int | dict[int, int] = (widths.pop() if len(widths) == 1 else dict(units)) if units else 0
+    settings["symmetry_breaking"] = dict(record)
+    return {**record, "units_reinitialised_per_expert": record_units}
+
+
+def _break_block(experts: nn.Module, method: str, fraction: float, noise_std: float, seed: int, layer: int,
+                 name: str) -> int:
+    """Break one MoE layer's symmetry (see `break_symmetry`); returns the units re-initialised per expert."""
+    if not isinstance(experts, GroupedExperts):  # generic copies: noise on every parameter with >= 2 dims
+        dense = [p.detach().float().std().item() for p in experts[0].parameters() if p.dim() > 1]
+        for e, expert in enumerate(experts):
+            g = _unit_generator(seed, layer, e)
+            for p, std in zip([p for p in expert.parameters() if p.dim() > 1], dense):
+                draw = torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(noise_std * std)
+                p.add_(draw.to(device=p.device, dtype=p.dtype))
+        return 0
+    dense = {k: (w.detach().float().mean().item(), w.detach().float().std().item())
+             for k, (w, _) in experts.unit_matrices(0).items()}
+    if method == "noise":
+        for e in range(len(experts)):
+            experts.add_noise_(e, noise_std, {k: std for k, (_, std) in dense.items()}, _unit_generator(seed, layer, e))
+        return 0
+    i = experts.intermediate_size
+    m = round(fraction * i)
+    if m < 1:
+        raise ValueError(f"break_symmetry('drop', fraction={fraction}): round({fraction} · {i}) = 0 units of {name}'s "
+                         f"{i} would be re-initialised; use a fraction >= {0.5 / i:.3g}.")
+    for e in range(len(experts)):
+        g = _unit_generator(seed, layer, e)
+        chosen = torch.randperm(i, generator=g)[:m].sort().values
+        experts.reinitialise_units_(e, chosen, dense, g)
+    return m
 
 
 def _apply_upcycle(model: nn.Module, cfg: MoEConfig, stack_path: str, stack: nn.ModuleList, selected: list[int],
@@ -895,8 +1058,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     return model
 
 __all__ = [
-    "CONFIG_KEY", "GATE_ATTRIBUTE_NAMES", "MLP_ATTRIBUTE_NAMES", "OUTPUT_KEYS", "RoutingStateCallback", "SwappedGate",
-    "UnsupportedModelError", "UpcycledMLP", "expression_ablation", "find_decoder_layers", "find_mlp", "find_moe_block",
+    "CONFIG_KEY", "GATE_ATTRIBUTE_NAMES", "MLP_ATTRIBUTE_NAMES", "OUTPUT_KEYS", "RoutingStateCallback", "SYMMETRY_METHODS",
+    "SwappedGate", "UnsupportedModelError", "UpcycledMLP", "break_symmetry", "expression_ablation", "find_decoder_layers", "find_mlp", "find_moe_block",
     "is_moe_block", "load", "looks_like_mlp", "moe_config_of", "rebuild", "register_mlp", "routed_modules",
     "routers_of", "routing_stats", "save", "spectra_settings", "step_routers", "swap_router", "unregister_mlp", "upcycle",
 ]

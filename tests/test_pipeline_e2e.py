@@ -40,7 +40,7 @@ def _copy_repo(dest: Path, profile: str | None = None) -> tuple[Path, dict]:
     """A fresh git copy of the working tree's files (tracked, and untracked ones git does not ignore: what a commit
     of it would hold), sharing the package and model caches of this checkout.
 
-    `profile` (for callers that run plain `dvc` commands in the copy, e.g. ``dvc repro train@dense-s0``): the copy's
+    `profile` (for callers that run plain `dvc` commands in the copy, e.g. ``dvc repro scratch@dense``): the copy's
     root dvc.yaml builds that profile. A checkout builds a profile with ``python pipeline/repro.py <profile>``."""
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout
@@ -122,7 +122,7 @@ def test_every_table_has_a_row_for_every_variant(tiny):
     from spectra.report import TEX_LABELS
 
     params = yaml.safe_load((tiny.dest / "params.yaml").read_text())
-    variants = {r["variant"] for r in params["runs"].values()}
+    variants = params["profiles"]["tiny"]["enabled"]["scratch"]
 
     def rows(table: str) -> list[str]:
         sections = (tiny.dest / "paper" / "tiny" / "generated" / "tables" / table).read_text().split("\\midrule")[1:]
@@ -131,7 +131,7 @@ def test_every_table_has_a_row_for_every_variant(tiny):
     main = rows("main.tex")
     assert sorted(main) == sorted(TEX_LABELS[v] for v in variants), main
     ablation = rows("ablation.tex")
-    assert sorted(ablation) == sorted(TEX_LABELS[v] for v in ("spectra", *spectra_ablations()))
+    assert sorted(ablation) == sorted(TEX_LABELS[v] for v in ("spectra", *spectra_ablations()) if v in variants)
 
 
 def spectra_ablations() -> tuple[str, ...]:
@@ -144,10 +144,10 @@ def test_the_build_ends_with_stage_times_and_the_pdf(tiny):
     summary = tiny.log[tiny.log.rindex("== profile tiny"):]
     assert "PDF: paper/tiny/spectra.pdf" in summary
     times = json.loads((tiny.dest / "results" / "tiny" / "stage_times.json").read_text())
-    runs = yaml.safe_load((tiny.dest / "params.yaml").read_text())["runs"]
-    stages = [s for s in yaml.safe_load((tiny.dest / "dvc.yaml").read_text())["stages"] if s != "train"]
-    assert set(times) == {*stages, *(f"train@{r}" for r in runs)}
-    for stage in ("base", "train@spectra-s0", "report", "paper"):
+    arms = yaml.safe_load((tiny.dest / "params.yaml").read_text())["arms"]
+    stages = [s for s in yaml.safe_load((tiny.dest / "dvc.yaml").read_text())["stages"] if s not in arms]
+    assert set(times) == {*stages, *(f"{arm}@{v}" for arm, vs in arms.items() for v in vs)}
+    for stage in ("base", "upcycle_sweep", "scratch@spectra", "upcycle@spectra", "extra_scratch", "report", "paper"):
         assert re.search(rf"^\s+{re.escape(stage)}\s+[\d.]+ s$", summary, re.M), summary
 
 
@@ -181,13 +181,14 @@ def test_a_notebook_runs_interactively_on_the_built_profile(tiny, tmp_path):
 @pytest.mark.slow
 def test_changing_one_variant_reruns_only_its_runs(tiny):
     params = yaml.safe_load((tiny.dest / "params.yaml").read_text())
-    params["variants"]["top2"]["aux_loss_coef"] = 0.02
+    params["variants"]["hash"]["aux_loss_coef"] = 0.02
     (tiny.dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = _run(f"{sys.executable} pipeline/repro.py tiny status", tiny.dest, tiny.env)
     prefix = "pipeline/profiles/tiny/dvc.yaml:"
     changed = {s.removeprefix(prefix) for s in re.findall(r"^(\S+):\s*$", status, flags=re.M)}
-    train_changed = {s for s in changed if s.startswith("train@")}
-    assert train_changed == {"train@top2-s0", "train@top2-s1", "train@top2-s2"}, status
+    train_changed = {s for s in changed if "@" in s or s.startswith(("extra_", "upcycle_sweep"))}
+    # the variant's stages, and the extra seeds whose choice may depend on it (every variant's overrides are its deps)
+    assert train_changed == {"scratch@hash", "upcycle@hash", "extra_scratch", "extra_upcycle"}, status
     assert "base" not in changed and "corpus" not in changed
 
 
@@ -206,8 +207,8 @@ def test_a_profiles_pipeline_is_the_root_one_with_its_profile_set():
 
 def test_stage_names_are_qualified_with_the_profiles_pipeline():
     assert repro.dvc_command("tiny", "status", []) == ["dvc", "status", "pipeline/profiles/tiny/dvc.yaml"]
-    assert repro.dvc_command("tiny", "repro", ["-f", "train@top2-s0", "report"]) == [
-        "dvc", "repro", "-f", "pipeline/profiles/tiny/dvc.yaml:train@top2-s0", "pipeline/profiles/tiny/dvc.yaml:report"]
+    assert repro.dvc_command("tiny", "repro", ["-f", "scratch@top2", "report"]) == [
+        "dvc", "repro", "-f", "pipeline/profiles/tiny/dvc.yaml:scratch@top2", "pipeline/profiles/tiny/dvc.yaml:report"]
     assert repro.dvc_command("default", "repro", ["report"]) == ["dvc", "repro", "dvc.yaml:report"]
 
 
@@ -230,12 +231,12 @@ def test_stage_times_and_the_summary(tmp_path, monkeypatch):
     old = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat(timespec="seconds")
     common.write_json(common.stage_times_path("tiny"), {"corpus": {"seconds": 9.0, "finished": old}})
     started = datetime.now(timezone.utc).replace(microsecond=0)
-    with common.timed_stage("tiny", "train@top2-s0"):
+    with common.timed_stage("tiny", "scratch@top2"):
         pass
     times = json.loads(common.stage_times_path("tiny").read_text())
-    assert times["train@top2-s0"]["seconds"] >= 3.0 and times["corpus"]["seconds"] == 9.0
+    assert times["scratch@top2"]["seconds"] >= 3.0 and times["corpus"]["seconds"] == 9.0
     text = repro.summary("tiny", started, 5.0, 0.5, ok=True)
-    assert "train@top2-s0" in text and "corpus" not in text, text  # only what ran in this build
+    assert "scratch@top2" in text and "corpus" not in text, text  # only what ran in this build
     assert "PDF: paper/tiny/spectra.pdf was not built" in text
     (tmp_path / "paper" / "tiny").mkdir(parents=True)
     (tmp_path / "paper" / "tiny" / "spectra.pdf").write_bytes(b"%PDF" * 1000)

@@ -255,10 +255,13 @@ def test_params_yaml_is_valid():
     [
         (lambda p: p.update(profile="huge"), "profile='huge' is unknown"),
         (lambda p: p["variants"].update(spectra_plus={}), "variants.spectra_plus"),
-        (lambda p: p["runs"].update(x={"variant": "nope", "seed": 0}), "runs.x.variant"),
+        (lambda p: p["arms"]["scratch"].append("nope"), "arms.scratch lists 'nope'"),
         (lambda p: p["profiles"]["default"]["moe"].update(top_k=99), "top_k=99"),
         (lambda p: p["variants"]["top2"].update(sinkhorn_epsilon=-1), "variants.top2"),
-        (lambda p: p["runs"]["top2-s0"].update(seed="zero"), "runs.top2-s0.seed"),
+        (lambda p: p["profiles"]["default"]["scratch"].update(seeds="three"), "profiles.default.scratch.seeds"),
+        (lambda p: p["profiles"]["default"]["upcycle"].update(focus_seeds=1), "focus_seeds < seeds"),
+        (lambda p: p["profiles"]["tiny"]["enabled"].update(scratch=["nope"]), "enabled.scratch"),
+        (lambda p: p["variants"]["dense"].update(kind="sparse"), "variants.dense.kind"),
     ],
 )
 def test_bad_params_fail_fast_naming_the_field(mutate, needle):

@@ -27,12 +27,18 @@ assert set(ROUTERS) == set(ROUTER_NAMES)
 
 
 def build_router(config: MoEConfig) -> Router:
-    """Instantiate the router named by ``config.router``."""
+    """Instantiate the router named by ``config.router``; frozen (every parameter ``requires_grad=False``)
+    when ``config.router_trainable`` is False. Every path that makes a router comes here (upcycle,
+    swap_router, an `MoEBlock` with its own router, the rebuild of a saved model), so a frozen router
+    stays frozen after save / load."""
     try:
         cls = ROUTERS[config.router]
     except KeyError:
         raise ConfigError(f"MoEConfig.router={config.router!r} is not supported; allowed values: {', '.join(ROUTERS)}.") from None
-    return cls(config)
+    router = cls(config)
+    if not config.router_trainable:
+        router.requires_grad_(False)
+    return router
 
 
 __all__ = [

@@ -55,6 +55,8 @@ class TopKRouter(Router):
     top-1 (as in Switch Transformer, so the gate gets gradient) — unless ``unit_combine`` (set by the
     upcycler) makes it ``p / sg(p)``: 1 in value, ∇log p in gradient (`combine_weights`).
     Losses: Switch load-balancing (``aux_loss_coef``) and optional z-loss (``z_loss_coef``).
+    With ``router_trainable=False`` (the ``random_router`` control: top-2, no auxiliary loss) the gate keeps
+    its random initialisation: a fixed random linear map of the hidden state, never trained.
     Subclasses change `scores` (what is selected on, what the weights come from) and `aux_loss`."""
 
     #: whether the Switch load-balancing loss is added (False: balancing by other means)
