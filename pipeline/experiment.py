@@ -56,6 +56,17 @@ class Data:
         self.identity = data_identity(self.meta)
 
 
+def code_hash() -> str:
+    """sha256 over the code a run executes (the library files of the training stages' DVC deps, and this file):
+    part of every run's checkpoint fingerprint."""
+    root = Path(__file__).resolve().parents[1]
+    lib = ["__init__", "config", "sinkhorn", "moe", "experts", "upcycle", "metrics", "train", "evaluate", "flops",
+           "hf_auto"]
+    files = ([root / "spectra" / f"{m}.py" for m in lib] + sorted((root / "spectra" / "routers").glob("*.py"))
+             + [Path(__file__).resolve()])
+    return fingerprint(*[(f.relative_to(root).as_posix(), file_sha256(f)) for f in files])
+
+
 def curve_steps(steps: int, points: int) -> list[int]:
     """`points` evenly spaced evaluation steps, the last one the final step."""
     return sorted({max(1, round(steps * i / points)) for i in range(1, points + 1)})
@@ -89,6 +100,8 @@ def build_model(params: dict[str, Any], arm: str, variant: str, seed: int, data:
         n_layers = model.config.num_hidden_layers if layers == "all" else len(layers)
         moe = moe_config(params, variant, hidden_size=model.get_input_embeddings().weight.shape[1],
                          num_layers=n_layers)
+        if arm == "scratch":  # the published combine weights (Switch p, BASE σ): nothing to keep from a dense start
+            moe = moe.replace(unit_combine=False)
         torch.manual_seed(ROUTER_SEED + seed)
         upcycle(model, router=moe, layers=layers)
         sym = dict(symmetry or {"method": "none"})
@@ -117,23 +130,34 @@ def run(params: dict[str, Any], arm: str, variant: str, seed: int, data: Data, o
     settings = TrainSettings(**tr, seed=seed, data_seed=DATA_SEED + seed)
     steps = curve_steps(settings.steps, prof["eval"]["curve_points"])
     snapshots: dict[int, dict[str, np.ndarray]] = {}
+    snap_dir = state_dir / "snapshots"  # one file per curve point: a resumed run keeps the earlier ones
 
     def evaluate_point(m: torch.nn.Module, step: int) -> dict[str, Any]:
         point = {"val_nll": evaluate.perplexity(m, data.curve, data.curve_dom, data.domains)["nll"]}
         if moe is not None:
             r = evaluate.collect_routing(m, data.routing, train_mode_too=False)
-            snapshots[step] = {"top1": r["top1"].numpy().astype(np.int16) if r.get("top1") is not None else None,
-                               "loads": r["loads"].numpy()}
+            snap = {"loads": r["loads"].numpy()}
+            if r.get("top1") is not None:
+                snap["top1"] = r["top1"].numpy().astype(np.int16)
+            snap_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(snap_dir / f"step{step}.npz", **snap)
         return point
 
     base_hash = (file_sha256(paths(params)["runs"] / "base" / "model" / "model.safetensors")
                  if arm == "upcycle" else None)
+    # everything the result depends on, code included: a persisted checkpoint written under anything else is never
+    # resumed (DVC reruns the stage; without this the finished checkpoint would be evaluated again, untrained)
     fp = fingerprint(tr, moe.to_dict() if moe else None, prof["moe"].get("layers"), seed, symmetry, arm,
-                     params["variants"].get(variant), data.identity, base_hash, prof["eval"])
+                     params["variants"].get(variant), data.identity, base_hash, prof["eval"], prof["base"],
+                     prof["data"].get("pretrain_fraction"), DATA_SEED, ROUTER_SEED, INDEPENDENT_EXPERTS, code_hash())
     t0 = time.perf_counter()
     summary = train(model, data.fresh, settings, state_dir, fingerprint=fp, evaluate=evaluate_point, eval_steps=steps)
     t_train = time.perf_counter() - t0
     log = [json.loads(line) for line in (state_dir / "log.jsonl").read_text().splitlines()]
+    for step in steps:
+        if (snap_dir / f"step{step}.npz").exists():
+            with np.load(snap_dir / f"step{step}.npz") as z:
+                snapshots[step] = {"top1": z["top1"] if "top1" in z else None, "loads": z["loads"]}
     (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     record["train"] = {k: v for k, v in summary.items() if k != "timing"}
     record["curve"] = [{"step": r["step"], "tokens": r["tokens"], "val_nll": r["val_nll"]} for r in log if "val_nll" in r]

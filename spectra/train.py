@@ -6,7 +6,8 @@ scale the same code to several devices unchanged. What it guarantees:
 * the same data order for every variant and seed (batch b of step s is a pure function of
   `data_seed`, s and b), so variants differ only in their router and model seed;
 * separate learning rates for router, experts and the rest (AdamW, cosine schedule with warm-up;
-  no weight decay on router parameters, biases and norms);
+  no weight decay on router parameters, biases and norms); the router's gradient norm clipped apart from the
+  rest's, so a router's own losses never scale down the LM's and the experts' updates;
 * router running statistics updated exactly once per optimizer step (`step_routers`);
 * per-step JSONL log: loss, router losses, per-layer load CV, MaxVio, entropy, dead experts, dropped fraction;
 * resumable: an atomic checkpoint (model, optimizer, scheduler, RNG, step, log offset) every
@@ -221,6 +222,8 @@ def train(
     log_path.write_text("".join(line + "\n" for line in lines))
 
     model, optimizer = accelerator.prepare(model, optimizer)
+    router_params = [p for g in optimizer.param_groups if g.get("name") == "router" for p in g["params"]]
+    model_params = [p for g in optimizer.param_groups if g.get("name") != "router" for p in g["params"]]
     raw = accelerator.unwrap_model(model)
     sampler = BlockSampler(train_blocks, settings.batch_size, settings.data_seed,
                            accelerator.process_index, accelerator.num_processes)
@@ -247,13 +250,18 @@ def train(
                     router_parts[k] = router_parts.get(k, 0.0) + float(v.detach()) / settings.grad_accum
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"{run_dir.name}: loss became {loss_sum} at step {step}; lower the learning rate.")
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        # the router's gradient is clipped apart from the rest: one global norm would let a router's losses shrink
+        # every update of the LM and the experts (a confound between routers)
+        grad_norm = accelerator.clip_grad_norm_(model_params, settings.grad_clip)
+        router_grad_norm = (accelerator.clip_grad_norm_(router_params, settings.grad_clip) if router_params
+                            else torch.zeros(()))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step_routers(raw)
         record = {"step": step + 1, "loss": loss_sum, "lm_loss": loss_sum - router_sum, "router_loss": router_sum,
-                  "router_losses": router_parts, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                  "router_losses": router_parts, "grad_norm": float(grad_norm),
+                  "router_grad_norm": float(router_grad_norm), "lr": scheduler.get_last_lr()[0],
                   "tokens": (step + 1) * tokens_per_step, **routing_log(outputs)}
         if evaluate is not None and step + 1 in eval_steps:
             raw.eval()

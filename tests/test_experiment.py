@@ -168,3 +168,48 @@ def test_extra_seeds_go_to_the_strongest_learned_baseline_by_validation(profile_
     best, means = extra.strongest_baseline(params, "scratch")
     assert best == "hash", means  # not dense, not the control, not SPECTRA
     assert set(means) == {"top2", "hash"}
+
+
+@pytest.mark.parametrize("variant", ["spectra_k1", "spectra", "switch_top1"])
+def test_every_learned_router_gets_a_task_loss_gradient(variant):
+    """With k = 1 the renormalised weight is the constant 1: without q / sg(q) the router would learn only from its
+    auxiliary losses (found in review: spectra_k1's router gradient was exactly 0 with the auxiliary losses off)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from spectra import MoEConfig, upcycle
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=BLOCK, n_embd=32, n_layer=2, n_head=2))
+    cfg = MoEConfig.from_variant(variant, hidden_size=32, num_experts=4, router_dim=8, entropy_loss_coef=0.0,
+                                 ortho_loss_coef=0.0, aux_loss_coef=0.0, extra={"num_layers": 2})
+    upcycle(model, router=cfg, noise_std=0.05)
+    model.train()
+    x = torch.randint(0, VOCAB, (2, BLOCK))
+    out = model(input_ids=x, labels=x)
+    out.logits.log_softmax(-1).gather(-1, x.unsqueeze(-1)).mean().backward()  # the LM term alone, no router losses
+    grads = [p.grad for r in routers_of(model) for p in r.parameters() if p.requires_grad]
+    assert grads and any(g is not None and g.abs().max() > 0 for g in grads), f"{variant}: no task-loss gradient"
+
+
+def test_the_router_gradient_is_clipped_apart_from_the_model(tmp_path):
+    """A router whose gradient norm is huge must not change the LM's updates (one global clip would: its varying clip
+    factor reweights Adam's steps; Adam's first step alone is scale-free, so three steps are compared)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from spectra import upcycle
+    from spectra.train import train
+
+    def lm_update(router_scale: float) -> float:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=BLOCK, n_embd=32, n_layer=1, n_head=2))
+        upcycle(model, router="top2", num_experts=4, noise_std=0.05)
+        for r in routers_of(model):
+            for p in r.parameters():
+                p.register_hook(lambda g: g * router_scale)
+        before = model.transformer.wte.weight.detach().clone()
+        blocks = np.random.default_rng(0).integers(0, VOCAB, (8, BLOCK)).astype(np.uint16)
+        train(model, blocks, TrainSettings(steps=3, batch_size=4, warmup_steps=1, grad_clip=1e-3),
+              tmp_path / f"run{router_scale}")
+        return float((model.transformer.wte.weight.detach() - before).abs().sum())
+
+    assert lm_update(1e6) == pytest.approx(lm_update(1.0), rel=1e-6)

@@ -284,7 +284,10 @@ class SpectraRouter(Router):
             log_q = log_eval
         topk_index = log_q.topk(k, dim=-1).indices  # [N, k]
         weight_source = log_q if cfg.weights_from == "sinkhorn" else log_soft
-        weight = weight_source.gather(-1, topk_index).softmax(-1)  # selected values renormalised to 1
+        selected = weight_source.gather(-1, topk_index)
+        # selected values renormalised to 1; with k = 1 that is the constant 1, which would leave the router without
+        # any task-loss gradient: q / sg(q) instead (value 1, gradient ∇log q — the unit combine of method page §4)
+        weight = (selected - selected.detach()).exp() if k == 1 else selected.softmax(-1)
         probs = log_q.exp()
 
         if self.training:

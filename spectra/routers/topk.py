@@ -74,6 +74,8 @@ class TopKRouter(Router):
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.config.router_trainable:  # the routing control: the upstream layers cannot steer it either
+            x = x.detach()
         return self.gate(x.to(self.gate.weight.dtype))
 
     def scores(self, logits: torch.Tensor, call: RoutingCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
