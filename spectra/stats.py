@@ -352,7 +352,11 @@ def comparison_table(results: Mapping[str, Mapping[int, float]], reference: str,
     p value, i.e. the Holm family; nan MDEs ignored; nan if there is none) and ``mde_ppl_pct``
     the same as a perplexity change — "differences smaller than this are below what the table can resolve".
 
-    Returns ``{"reference", "alpha", "power", "variants", "mde_nll", "mde_ppl_pct"}``.
+    ``mde_holm_nll`` / ``mde_holm_ppl_pct``: the same median at the Holm family's strictest step (alpha / m, m =
+    ``family_size``), the conservative MDE after the correction — several times the plain one at n = 3.
+
+    Returns ``{"reference", "alpha", "power", "variants", "mde_nll", "mde_ppl_pct", "family_size", "mde_holm_nll",
+    "mde_holm_ppl_pct"}``.
     """
     _check_level(alpha, "alpha")
     if reference not in results:
@@ -387,7 +391,13 @@ def comparison_table(results: Mapping[str, Mapping[int, float]], reference: str,
 
     # over the tested comparisons (those in the Holm family): an untested one, e.g. a bitwise copy of the
     # reference (std 0 → MDE 0), says nothing about what the table can resolve
-    mdes = [d["mde_nll"] for d in diffs.values() if not math.isnan(d["p"]) and not math.isnan(d["mde_nll"])]
-    table_mde = float(np.median(mdes)) if mdes else NAN
+    tested = [d for d in diffs.values() if not math.isnan(d["p"]) and not math.isnan(d["mde_nll"])]
+    table_mde = float(np.median([d["mde_nll"] for d in tested])) if tested else NAN
+    # the same at the Holm family's first (strictest) step, alpha / m: what a difference needs to be called
+    # significant after the correction whatever its rank — the conservative figure the goals are judged by
+    m = len(tested)
+    holm_mdes = [minimum_detectable_effect(d["std"], d["n"], alpha=alpha / m, power=power) for d in tested]
+    holm_mde = float(np.median(holm_mdes)) if tested else NAN
     return {"reference": reference, "alpha": float(alpha), "power": float(power), "variants": variants,
-            "mde_nll": table_mde, "mde_ppl_pct": mde_ppl_pct(table_mde)}
+            "mde_nll": table_mde, "mde_ppl_pct": mde_ppl_pct(table_mde), "family_size": m,
+            "mde_holm_nll": holm_mde, "mde_holm_ppl_pct": mde_ppl_pct(holm_mde)}

@@ -329,3 +329,17 @@ def test_comparison_table_edge_cases():
     alone = comparison_table({"a": {0: 1.0, 1: 1.1}}, reference="a")  # nothing to compare with
     assert math.isnan(alone["mde_nll"]) and math.isnan(alone["mde_ppl_pct"]) and not alone["variants"]["a"]["ranked"]
     json.dumps(alone)
+
+
+def test_the_holm_mde_is_larger_than_the_plain_one_and_uses_alpha_over_m():
+    from spectra import stats
+
+    rng = np.random.default_rng(1)
+    seeds = range(5)
+    ref = {s: 5.0 + rng.normal(0, 0.05) for s in seeds}
+    results = {"ref": ref, **{f"v{i}": {s: ref[s] + rng.normal(0, 0.01) for s in seeds} for i in range(6)}}
+    table = stats.comparison_table(results, "ref")
+    assert table["family_size"] == 6
+    assert table["mde_holm_nll"] > 1.5 * table["mde_nll"]
+    d = table["variants"]["v0"]["difference"]
+    assert stats.minimum_detectable_effect(d["std"], d["n"], alpha=0.05 / 6) > d["mde_nll"]
