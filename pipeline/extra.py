@@ -1,8 +1,9 @@
 """DVC stages `extra_scratch`, `extra_upcycle` (``python pipeline/extra.py <profile> <arm>``): the extra seeds of the arm's strongest
 baseline, so that SPECTRA and it both have `focus_seeds` seeds (README 'Experiment').
 
-The strongest baseline is the learned-router MoE baseline (not dense, not the routing control) with the lowest
-mean final *validation* loss over its first `seeds` seeds — chosen on validation, so the test numbers of the
+The strongest baseline is the causal MoE baseline (not dense, not the routing control, not expert choice, which
+looks at future tokens) with the lowest mean final *validation* loss over its first `seeds` seeds — the rule
+`spectra.analysis.comparison` uses to name the strongest baseline of a table — chosen on validation, so the test numbers of the
 tables are not used to pick what they compare. Writes runs/<profile>/extra/<arm>/<variant>/s<seed>/ and
 runs/<profile>/extra/<arm>/choice.json.
 """
@@ -18,13 +19,15 @@ from train_group import upcycle_choice
 
 from spectra.config import BASELINES, CONTROLS  # noqa: E402
 
+NON_CAUSAL = ("expert_choice",)  #: routers that see future tokens: never "the strongest baseline" (spectra.analysis)
+
 
 def strongest_baseline(params: dict, arm: str) -> tuple[str | None, dict[str, float]]:
     """(name, {baseline: mean validation nll}) of the arm's enabled, trained MoE baselines."""
     p = paths(params)
     means = {}
     for v in enabled_variants(params, arm):
-        if v not in BASELINES or v in CONTROLS or is_dense(params, v):
+        if v not in BASELINES or v in CONTROLS or v in NON_CAUSAL or is_dense(params, v):
             continue
         runs = sorted((p["runs"] / arm / v).glob("s*/metrics.json"))
         nll = [json.loads(r.read_text())["validation"]["nll"] for r in runs]

@@ -1,12 +1,16 @@
 """Analysis helpers shared by the paper notebooks (notebooks/0*.ipynb) and `spectra.report`.
 
-Everything here reads the run outputs of the pipeline (``runs/<profile>/<run>/{metrics.json, log.jsonl,
-routing.npz, model}``) or re-uses the package's own definitions (`spectra.metrics`, `spectra.sinkhorn`,
-the routers); nothing here defines or changes the method. Tables are pandas DataFrames; the notebooks
-save them as CSV/JSON and `spectra.report` turns them into LaTeX.
+Everything here reads the run outputs of the pipeline — the two arms of the experiment (README 'Experiment'),
+``runs/<profile>/<arm>/<variant>/s<seed>/{metrics.json, log.jsonl, routing.npz, dynamics.npz, model/}``, the
+strongest baseline's extra seeds under ``runs/<profile>/extra/<arm>/``, the base model under
+``runs/<profile>/base/`` and the upcycle sweep's ``results/<profile>/upcycle_sweep/sweep.json`` — or re-uses the
+package's own definitions (`spectra.metrics`, `spectra.stats`, `spectra.sinkhorn`, the routers); nothing here
+defines or changes the method. Tables are pandas DataFrames or JSON-ready dicts; the notebooks save them as
+CSV/JSON and `spectra.report` turns them into LaTeX.
 
-Sections: run outputs (loading, flattening), statistics (mean ± std over seeds, Welch t-test), tables,
-method demonstrations (notebook 01), specialisation analysis (notebook 04).
+Sections: run outputs (loading, flattening), comparisons (paired statistics from `spectra.stats`: CIs, paired
+differences against SPECTRA, Holm, MDE, the experiment's power, time to threshold), tables, method demonstrations
+(notebook 01), specialisation analysis (notebook 04).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +27,34 @@ import torch
 from torch import nn
 
 from . import metrics
-from .config import ABLATIONS, BASELINES, MoEConfig
+from . import stats as S
+from .config import ABLATIONS, BASELINES, CONTROLS, MoEConfig
 from .evaluate import block_forward, mlp_modules  # noqa: F401  (mlp_modules: part of this API)
 
-#: Row order of every table: the method, its ablations, then the baselines (dense first).
-VARIANT_ORDER: tuple[str, ...] = ("spectra", *ABLATIONS, *BASELINES)
+#: The SPECTRA family: the method, its top-1 version (compute of k = 1) and its five ablations.
+SPECTRA_FAMILY: tuple[str, ...] = ("spectra", "spectra_k1", *ABLATIONS)
+#: Dense models: the base architecture and its FLOP match of k = 2 (MLP twice as wide).
+DENSE: tuple[str, ...] = ("dense", "dense_2x")
+#: Every baseline of the comparison tables (dense models and the published routers); the controls are not baselines.
+COMPARISON_BASELINES: tuple[str, ...] = ("dense", "dense_2x", *(b for b in BASELINES if b != "dense"))
+#: Routers whose assignment is not learned (a fixed hash of the token id).
+FIXED_ROUTERS: tuple[str, ...] = ("hash",)
+#: Routers that look at future tokens of the sequence (not usable for causal decoding): listed in the tables but never
+#: "the strongest baseline" nor "the best learned router" of a claim.
+NON_CAUSAL: tuple[str, ...] = ("expert_choice",)
+#: Row order of every table: the method family, the dense models, the routing baselines, the routing controls.
+VARIANT_ORDER: tuple[str, ...] = (*SPECTRA_FAMILY, *DENSE, *(b for b in BASELINES if b != "dense"), *CONTROLS)
 #: Plain-text display names (plots, CSV); `spectra.report` has its own LaTeX names.
 LABELS: dict[str, str] = {
     "spectra": "SPECTRA",
+    "spectra_k1": "SPECTRA k=1",
     "no_context": "w/o context cell",
     "no_expression": "w/o expression",
     "no_sinkhorn": "w/o Sinkhorn",
     "no_repulsion": "w/o repulsion",
     "no_ortho": "w/o orthogonality",
-    "dense": "dense (continued)",
+    "dense": "dense",
+    "dense_2x": "dense 2x (FLOP-matched)",
     "switch_top1": "Switch top-1",
     "top2": "top-2",
     "gshard_top2": "GShard top-2",
@@ -46,14 +64,32 @@ LABELS: dict[str, str] = {
     "aux_free": "aux-loss-free",
     "ssr": "SSR",
     "gramspec": "GramSpec",
+    "random_router": "random router (control)",
 }
+
+#: The experiment's goals (README 'Experiment'): power = control gap / seed std, and the minimum detectable effect of
+#: SPECTRA vs the strongest baseline, in % perplexity.
+POWER_GOAL = 5.0
+MDE_GOAL_PPL_PCT = 0.5
+ALPHA = 0.05  #: family-wise error rate of every Holm family (CIs at 1 - ALPHA)
+MDE_POWER = 0.8  #: the power at which the minimum detectable effect is computed
+RANK_MIN_SEEDS = 3  #: a variant is placed in a ranking only with at least this many (paired) seeds (spectra.stats)
 
 
 def group_of(variant: str) -> str:
-    """'method', 'ablation' or 'baseline'."""
-    if variant == "spectra":
+    """'method' (SPECTRA, SPECTRA k=1), 'ablation', 'dense', 'baseline' or 'control'."""
+    if variant in ("spectra", "spectra_k1"):
         return "method"
-    return "ablation" if variant in ABLATIONS else "baseline"
+    if variant in ABLATIONS:
+        return "ablation"
+    if variant in DENSE:
+        return "dense"
+    return "control" if variant in CONTROLS else "baseline"
+
+
+def is_learned_router(variant: str) -> bool:
+    """An MoE variant whose routing is learned: not dense, not a routing control, not a fixed (hash) router."""
+    return variant not in DENSE and variant not in CONTROLS and variant not in FIXED_ROUTERS
 
 
 def _order_key(variant: str) -> tuple[int, str]:
@@ -73,6 +109,9 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(fh)
 
 
+ARMS = ("scratch", "upcycle")  #: the experiment's arms (README 'Experiment'): from scratch, upcycled from the base
+
+
 def _timing(folder: Path) -> dict[str, Any]:
     """timing.json of a run folder (wall-clock measurements, kept apart from the deterministic metrics); {} if absent."""
     path = folder / "timing.json"
@@ -86,28 +125,38 @@ def load_base(runs_dir: str | os.PathLike) -> dict[str, Any]:
     return m
 
 
-def load_runs(runs_dir: str | os.PathLike, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """The metrics.json of every *trained* run under `runs_dir` (the `base` folder excluded), sorted by
-    variant order then seed. Runs marked "not run in this profile" are omitted. With `keys`, exactly those
-    runs are read (a missing file is an error); otherwise every sub-folder with a metrics.json."""
+def run_dirs(runs_dir: str | os.PathLike, arm: str) -> list[tuple[Path, Path]]:
+    """``(run folder, timing file)`` of every run of ``arm``: runs/<profile>/<arm>/<variant>/s<seed>/ (the variant's
+    own stage) and runs/<profile>/extra/<arm>/<variant>/s<seed>/ (the strongest baseline's extra seeds)."""
     runs_dir = Path(runs_dir)
-    if keys is None:
-        if not runs_dir.is_dir():
-            raise MissingInputError(f"run folder {runs_dir} does not exist (run `dvc repro`).")
-        paths = sorted(p / "metrics.json" for p in runs_dir.iterdir() if p.is_dir() and p.name != "base"
-                       and (p / "metrics.json").exists())
-    else:
-        paths = [runs_dir / k / "metrics.json" for k in keys]
-    runs = []
-    for p in paths:
-        m = read_json(p)
-        if m.get("status") != "trained":
+    out = []
+    for root, prefix in ((runs_dir / arm, f"{arm}-"), (runs_dir / "extra" / arm, f"extra-{arm}-")):
+        if not root.is_dir():
             continue
-        m.setdefault("run", p.parent.name)
-        m["_dir"] = str(p.parent)
-        m["_timing"] = _timing(p.parent)
-        runs.append(m)
-    runs.sort(key=lambda m: (_order_key(m["variant"]), m["seed"]))
+        for variant_dir in sorted(d for d in root.iterdir() if d.is_dir()):
+            for run_dir in sorted(d for d in variant_dir.glob("s*") if (d / "metrics.json").exists()):
+                out.append((run_dir, runs_dir / "timing" / f"{prefix}{variant_dir.name}.json"))
+    return out
+
+
+def load_runs(runs_dir: str | os.PathLike, arm: str | None = None) -> list[dict[str, Any]]:
+    """The metrics.json of every trained run of ``arm`` (both arms when None) under runs/<profile>/, sorted by arm,
+    variant order, seed. Each record gets ``run`` ("<arm>/<variant>-s<seed>"), ``_dir`` (its folder) and ``_timing``
+    (its wall-clock measurements from runs/<profile>/timing/). Variants a profile does not run have no run folders."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise MissingInputError(f"run folder {runs_dir} does not exist (run `dvc repro`).")
+    runs = []
+    for a in ([arm] if arm else ARMS):
+        for run_dir, timing_path in run_dirs(runs_dir, a):
+            m = read_json(run_dir / "metrics.json")
+            m.setdefault("arm", a)
+            m["run"] = f"{a}/{m['variant']}-s{m['seed']}"
+            m["_dir"] = str(run_dir)
+            times = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+            m["_timing"] = times.get(f"s{m['seed']}", {})
+            runs.append(m)
+    runs.sort(key=lambda m: (ARMS.index(m["arm"]), _order_key(m["variant"]), m["seed"]))
     return runs
 
 
@@ -121,9 +170,12 @@ def _get(d: dict[str, Any] | None, *path: str, default: Any = float("nan")) -> A
 
 #: Per-run scalar columns of `runs_frame` -> their path in metrics.json.
 RUN_COLUMNS: dict[str, tuple[str, ...]] = {
+    "val_nll": ("validation", "nll"),
+    "test_nll": ("test", "nll"),
     "val_ppl": ("validation", "ppl"),
     "test_ppl": ("test", "ppl"),
     "expr_ablation_ppl": ("expression_ablation", "ppl"),
+    "expr_ablation_nll": ("expression_ablation", "nll"),
     "load_cv": ("routing", "cv"),
     "max_vio": ("routing", "max_vio"),
     "gini": ("routing", "gini"),
@@ -145,29 +197,28 @@ RUN_COLUMNS: dict[str, tuple[str, ...]] = {
     "tokens_per_second": ("_timing", "tokens_per_second"),
     "steps": ("train", "steps"),
     "wall_seconds": ("_timing", "wall_seconds_train"),
-    "parameters": ("parameters",),
+    "parameters": ("compute", "total_parameters"),
+    "active_parameters": ("compute", "active_parameters"),
+    "forward_flops_per_token": ("compute", "forward_flops_per_token"),
+    "training_flops_per_token": ("compute", "training_flops_per_token"),
 }
-#: Older run outputs kept timings inside metrics.json; used when timing.json lacks them.
-_TIMING_FALLBACK = {"tokens_per_second": ("train", "tokens_per_second"), "wall_seconds": ("wall_seconds",)}
 
 
 def _value(m: dict[str, Any], col: str) -> float:
     v = _get(m, *RUN_COLUMNS[col])
-    if not isinstance(v, (int, float)) and col in _TIMING_FALLBACK:
-        v = _get(m, *_TIMING_FALLBACK[col])
     return float(v) if isinstance(v, (int, float)) else float("nan")
 
 
 def runs_frame(runs: Sequence[dict[str, Any]]):
-    """One row per trained run: run, variant, group, seed, every `RUN_COLUMNS` value (NaN where the run
+    """One row per trained run: run, arm, variant, group, seed, every `RUN_COLUMNS` value (NaN where the run
     has no such metric, e.g. routing metrics of `dense`) and the test perplexity per domain
     (``test_ppl_<domain>``)."""
     import pandas as pd
 
     rows = []
     for m in runs:
-        row: dict[str, Any] = {"run": m["run"], "variant": m["variant"], "group": group_of(m["variant"]),
-                               "seed": int(m["seed"])}
+        row: dict[str, Any] = {"run": m["run"], "arm": m.get("arm", ""), "variant": m["variant"],
+                               "group": group_of(m["variant"]), "seed": int(m["seed"])}
         for col in RUN_COLUMNS:
             row[col] = _value(m, col)
         for dom, v in (_get(m, "test", "ppl_by_domain", default={}) or {}).items():
@@ -195,9 +246,9 @@ def domains_of(frame) -> list[str]:
 
 
 def load_logs(runs: Sequence[dict[str, Any]]):
-    """Per-step training curves of every run (log.jsonl): step, run, variant, seed, loss, lm_loss,
-    router_loss, grad_norm, lr, tokens, and the per-layer load_cv / max_vio / entropy / dead_fraction
-    averaged over MoE layers (NaN for dense)."""
+    """Per-step training curves of every run (log.jsonl): step, run, arm, variant, seed, loss, lm_loss,
+    router_loss, grad_norm, lr, tokens, the held-out val_nll (NaN except at the curve points) and the per-layer
+    load_cv / max_vio / entropy / dead_fraction of the training batch averaged over MoE layers (NaN for dense)."""
     import pandas as pd
 
     rows = []
@@ -209,8 +260,9 @@ def load_logs(runs: Sequence[dict[str, Any]]):
             if not line.strip():
                 continue
             r = json.loads(line)
-            row = {"step": int(r["step"]), "run": m["run"], "variant": m["variant"], "seed": int(m["seed"])}
-            for k in ("loss", "lm_loss", "router_loss", "grad_norm", "lr", "tokens"):
+            row = {"step": int(r["step"]), "run": m["run"], "arm": m.get("arm", ""), "variant": m["variant"],
+                   "seed": int(m["seed"])}
+            for k in ("loss", "lm_loss", "router_loss", "grad_norm", "lr", "tokens", "val_nll"):
                 row[k] = float(r[k]) if r.get(k) is not None else float("nan")
             for k in ("load_cv", "max_vio", "entropy", "dead_fraction"):
                 vals = r.get(k) or []
@@ -220,25 +272,25 @@ def load_logs(runs: Sequence[dict[str, Any]]):
 
 
 def training_summary(runs: Sequence[dict[str, Any]], base: dict[str, Any] | None = None):
-    """Tokens seen, tokens/s, steps, wall time, parameters and final perplexities of every run (and of
-    the dense base pretraining, if given)."""
+    """Arm, steps, tokens seen, tokens/s, wall time, parameters (total and active), FLOPs per token and final
+    perplexities of every run (and of the dense base pretraining, if given: run "base", arm "base")."""
     import pandas as pd
 
     rows = []
     if base is not None:
-        tps = _get(base, "_timing", "tokens_per_second")
-        wall = _get(base, "_timing", "wall_seconds_train")
-        rows.append({"run": "base", "variant": "base model", "seed": 0, "steps": _get(base, "steps"),
+        rows.append({"run": "base", "arm": "base", "variant": "base model", "seed": 0, "steps": _get(base, "steps"),
                      "tokens_seen": _get(base, "tokens_seen"),
-                     "tokens_per_second": tps if isinstance(tps, (int, float)) else _get(base, "tokens_per_second"),
-                     "wall_seconds": wall if isinstance(wall, (int, float)) else _get(base, "wall_seconds"),
-                     "parameters": _get(base, "parameters"),
+                     "tokens_per_second": _get(base, "_timing", "tokens_per_second"),
+                     "wall_seconds": _get(base, "_timing", "wall_seconds_train"),
+                     "parameters": _get(base, "parameters"), "active_parameters": _get(base, "parameters"),
+                     "forward_flops_per_token": float("nan"),
                      "val_ppl": _get(base, "validation", "ppl"), "test_ppl": float("nan")})
     for m in runs:
-        rows.append({"run": m["run"], "variant": m["variant"], "seed": int(m["seed"]), "steps": _get(m, "train", "steps"),
-                     "tokens_seen": _get(m, "train", "tokens_seen"),
-                     "tokens_per_second": _value(m, "tokens_per_second"),
-                     "wall_seconds": _value(m, "wall_seconds"), "parameters": _get(m, "parameters"),
+        rows.append({"run": m["run"], "arm": m.get("arm", ""), "variant": m["variant"], "seed": int(m["seed"]),
+                     "steps": _get(m, "train", "steps"), "tokens_seen": _get(m, "train", "tokens_seen"),
+                     "tokens_per_second": _value(m, "tokens_per_second"), "wall_seconds": _value(m, "wall_seconds"),
+                     "parameters": _value(m, "parameters"), "active_parameters": _value(m, "active_parameters"),
+                     "forward_flops_per_token": _value(m, "forward_flops_per_token"),
                      "val_ppl": _get(m, "validation", "ppl"), "test_ppl": _get(m, "test", "ppl")})
     return pd.DataFrame(rows)
 
@@ -256,7 +308,35 @@ def base_ppl_table(base: dict[str, Any]):
     return pd.DataFrame(rows)
 
 
-# =============================================================================================== statistics
+def upcycle_sweep_table(sweep: dict[str, Any]):
+    """The upcycle sweep (results/<profile>/upcycle_sweep/sweep.json) as rows: symmetry-breaking method (with its
+    fraction / noise std), learning rate, final validation-curve NLL and perplexity, and whether it is the choice the
+    upcycling arm uses."""
+    import pandas as pd
+
+    choice = sweep.get("choice") or {}
+    rows = []
+    for q in sweep.get("points", []):
+        nll = float(q["final_val_nll"]) if q.get("final_val_nll") is not None else float("nan")
+        sym = q["symmetry"]
+        rows.append({"key": q["key"], "method": sym["method"], "fraction": sym.get("fraction", float("nan")),
+                     "noise_std": sym.get("noise_std", float("nan")), "label": q["label"], "lr": float(q["lr"]),
+                     "final_val_nll": nll, "final_val_ppl": math.exp(nll) if math.isfinite(nll) else float("nan"),
+                     "chosen": bool(q["symmetry"] == choice.get("symmetry") and q["lr"] == choice.get("lr"))})
+    if rows and sum(r["chosen"] for r in rows) != 1:
+        raise ValueError(f"upcycle sweep: {sum(r['chosen'] for r in rows)} points match the choice {choice}; "
+                         "sweep.json is inconsistent — rerun the upcycle_sweep stage.")
+    return pd.DataFrame(rows)
+
+
+def extra_choice(runs_dir: str | os.PathLike, arm: str) -> dict[str, Any]:
+    """runs/<profile>/extra/<arm>/choice.json (which baseline got the extra seeds, chosen on validation); {} if the
+    arm has none."""
+    path = Path(runs_dir) / "extra" / arm / "choice.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+# =============================================================================================== comparisons
 def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     """(mean, sample std with ddof=1 — NaN when n < 2, n) over the finite values."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
@@ -265,19 +345,236 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size >= 2 else float("nan"), int(v.size)
 
 
-def welch(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
-    """Welch's t-test of two samples. ``{"p": float | None, "t": float | None, "note": str}``; the
-    test is only run when both samples have ≥ 2 finite values ("n<2" otherwise) and some variance."""
-    from scipy import stats
+def seed_losses(runs: Sequence[dict[str, Any]], split: str = "test") -> tuple[dict[str, dict[int, float]], list[str]]:
+    """``({variant: {seed: held-out NLL of split}}, diverged runs)``: what `spectra.stats` compares. A run whose loss is
+    not finite (diverged) is left out and named in the second list, so the statistics never see a nan."""
+    out: dict[str, dict[int, float]] = {}
+    diverged = []
+    for m in runs:
+        nll = _get(m, split, "nll")
+        if not isinstance(nll, (int, float)) or not math.isfinite(nll):
+            diverged.append(m["run"])
+            continue
+        seeds = out.setdefault(m["variant"], {})
+        if int(m["seed"]) in seeds:
+            raise ValueError(f"seed {m['seed']} of {m.get('arm')}/{m['variant']} appears twice (its own stage and the "
+                             "extra seeds?); one run per seed — remove the stale folder.")
+        seeds[int(m["seed"])] = float(nll)
+    return out, diverged
 
-    x = np.asarray([v for v in a if np.isfinite(v)], dtype=np.float64)
-    y = np.asarray([v for v in b if np.isfinite(v)], dtype=np.float64)
-    if x.size < 2 or y.size < 2:
-        return {"p": None, "t": None, "note": "n<2"}
-    if x.var(ddof=1) == 0 and y.var(ddof=1) == 0:
-        return {"p": None, "t": None, "note": "zero variance"}
-    res = stats.ttest_ind(x, y, equal_var=False)
-    return {"p": float(res.pvalue), "t": float(res.statistic), "note": f"Welch t-test, n={x.size} vs {y.size}"}
+
+def compute_of(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per variant: k (experts per token; None for dense), E, router, active / total parameters and forward / training
+    FLOPs per token (metrics.json `compute`, from `spectra.flops`). Every seed of a variant has the same compute."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in runs:
+        moe = m.get("moe_config") or {}
+        c = {"k": moe.get("top_k"), "num_experts": moe.get("num_experts"), "router": moe.get("router"),
+             "capacity_factor": moe.get("capacity_factor"), **(m.get("compute") or {})}
+        prev = out.setdefault(m["variant"], c)
+        if prev != c:
+            raise ValueError(f"{m['run']}: compute {c} differs from another seed's {prev}; the runs of one variant "
+                             "must have one configuration — rerun the stale stage.")
+    return out
+
+
+def _ppl(x: float) -> float:
+    return math.exp(x) if x is not None and math.isfinite(x) else float("nan")
+
+
+def _lowest(table: dict[str, Any], candidates: Iterable[str], select_on: Mapping[str, Mapping[int, float]] | None = None
+            ) -> str | None:
+    """The ranked candidate (>= RANK_MIN_SEEDS paired seeds) with the lowest mean loss; None if there is none. With
+    `select_on` (per-seed *validation* losses) the choice is made on those, so the test numbers a table reports are
+    not also the ones that picked what it compares (no winner's curse)."""
+    ok = [v for v in candidates if v in table["variants"] and table["variants"][v]["ranked"]
+          and math.isfinite(table["variants"][v]["summary"]["mean"])]
+    if select_on is not None:
+        ok = [v for v in ok if select_on.get(v)]
+        return min(ok, key=lambda v: float(np.mean(list(select_on[v].values())))) if ok else None
+    return min(ok, key=lambda v: table["variants"][v]["summary"]["mean"]) if ok else None
+
+
+def comparison(runs: Sequence[dict[str, Any]], arm: str, reference: str = "spectra", split: str = "test",
+               variants: Sequence[str] | None = None, alpha: float = ALPHA, power: float = MDE_POWER) -> dict[str, Any]:
+    """One comparison table of the paper: every variant of `arm` (or just `variants`) against `reference` on the
+    per-seed held-out NLL of `split`, paired by seed (`spectra.stats.comparison_table`: CI of each mean, paired
+    difference, Holm over the table's family, MDE, "significant" = Holm-significant and at least the MDE, "ranked" =
+    at least `RANK_MIN_SEEDS` paired seeds).
+
+    Added on top, JSON-ready:
+
+    * ``arm``, ``split``, ``order`` (the table's row order), ``diverged`` (runs left out: non-finite loss);
+    * per variant: ``label``, ``group``, ``compute`` (`compute_of`), ``ppl`` / ``ppl_low`` / ``ppl_high`` — the
+      perplexity ``exp(mean NLL)`` and the ends of its CI;
+    * ``strongest_baseline``: the ranked, causal MoE baseline (`COMPARISON_BASELINES` less the dense models) with the
+      lowest mean *validation* loss — the baseline the claims compare SPECTRA with, the same rule that gave it its
+      extra seeds (pipeline/extra.py); ``best_learned``: the ranked, causal learned router (`is_learned_router`,
+      SPECTRA family included) with the lowest mean validation loss; ``control``: the routing control;
+    * ``power``: `spectra.stats.experiment_power` (control vs the best learned router) with the goal
+      `POWER_GOAL`; ``mde_vs_strongest``: the MDE (% ppl) of the comparison with the strongest baseline, goal
+      `MDE_GOAL_PPL_PCT` — each ``{value, goal, met}`` (met None when the value is nan).
+
+    An arm without the reference gives ``available=False`` and no variants.
+    """
+    runs = [m for m in runs if m.get("arm") == arm and (variants is None or m["variant"] in variants)]
+    losses, diverged = seed_losses(runs, split)
+    empty = {"arm": arm, "split": split, "reference": reference, "available": False, "order": [], "variants": {},
+             "diverged": diverged, "strongest_baseline": None, "best_learned": None, "control": None,
+             "mde_nll": float("nan"), "mde_ppl_pct": float("nan"), "alpha": alpha, "power_level": power,
+             "power": {"gap": float("nan"), "seed_std": float("nan"), "value": float("nan"), "goal": POWER_GOAL,
+                       "met": None},
+             "mde_vs_strongest": {"value": float("nan"), "goal": MDE_GOAL_PPL_PCT, "met": None}}
+    if reference not in losses:
+        return empty
+    table = S.comparison_table(losses, reference, alpha=alpha, power=power)
+    comp = compute_of(runs)
+    order = sorted(losses, key=_order_key)
+    for v in order:
+        row = table["variants"][v]
+        sm = row["summary"]
+        row.update(label=LABELS.get(v, v), group=group_of(v), compute=comp.get(v, {}), ppl=_ppl(sm["mean"]),
+                   ppl_low=_ppl(sm["low"]), ppl_high=_ppl(sm["high"]))
+    # chosen on validation (the rule of pipeline/extra.py, which gives the strongest baseline its extra seeds):
+    # the causal MoE baselines — dense models are compared in their own sentence, the control is not a baseline
+    val_losses, _ = seed_losses(runs, "validation") if split != "validation" else (losses, diverged)
+    strongest = _lowest(table, (v for v in COMPARISON_BASELINES if v not in NON_CAUSAL and v not in DENSE), val_losses)
+    best = _lowest(table, (v for v in order if is_learned_router(v) and v not in NON_CAUSAL), val_losses)
+    control = next((v for v in CONTROLS if v in losses), None)
+    pw = {"gap": float("nan"), "seed_std": float("nan"), "power": float("nan")}
+    if control and best:
+        pw = S.experiment_power(list(losses[control].values()), list(losses[best].values()))
+    mde = float("nan")
+    if strongest and strongest != reference:
+        mde = table["variants"][strongest]["difference"]["mde_ppl_pct"]
+
+    def goal(value: float, target: float, higher_is_better: bool) -> dict[str, Any]:
+        met = None if not math.isfinite(value) else bool(value >= target if higher_is_better else value <= target)
+        return {"value": value, "goal": target, "met": met}
+
+    return {**table, "arm": arm, "split": split, "available": True, "order": order, "diverged": diverged,
+            "strongest_baseline": strongest, "best_learned": best, "control": control, "alpha": alpha,
+            "power_level": power,
+            "power": {"gap": pw["gap"], "seed_std": pw["seed_std"], **goal(pw["power"], POWER_GOAL, True)},
+            "mde_vs_strongest": goal(mde, MDE_GOAL_PPL_PCT, False)}
+
+
+def comparison_frame(cmp: Mapping[str, Any]):
+    """`comparison` as one row per variant (its row order): n, seeds, mean NLL with CI, perplexity with CI, the paired
+    difference to the reference (nats and % perplexity, with CI), p, Holm-adjusted p, MDE, significant, ranked, and the
+    compute column (k, active / total parameters, forward FLOPs per token)."""
+    import pandas as pd
+
+    nan = float("nan")
+    columns = ["variant", "label", "group", "is_reference", "n", "seeds", "nll_mean", "nll_std", "nll_low", "nll_high",
+               "ppl", "ppl_low", "ppl_high", "n_paired", "delta_nll", "delta_nll_low", "delta_nll_high", "delta_ppl_pct",
+               "delta_ppl_low_pct", "delta_ppl_high_pct", "p", "p_holm", "mde_ppl_pct", "significant", "ranked", "k",
+               "active_parameters", "total_parameters", "forward_flops_per_token"]
+    rows = []
+    for v in cmp["order"]:
+        r = cmp["variants"][v]
+        sm, d, c = r["summary"], r["difference"] or {}, r["compute"]
+        rows.append({
+            "variant": v, "label": r["label"], "group": r["group"], "is_reference": r["is_reference"], "n": sm["n"],
+            "seeds": " ".join(str(s) for s in sm["seeds"]), "nll_mean": sm["mean"], "nll_std": sm["std"],
+            "nll_low": sm["low"], "nll_high": sm["high"], "ppl": r["ppl"], "ppl_low": r["ppl_low"],
+            "ppl_high": r["ppl_high"], "n_paired": d.get("n", nan), "delta_nll": d.get("mean", nan),
+            "delta_nll_low": d.get("low", nan), "delta_nll_high": d.get("high", nan),
+            "delta_ppl_pct": d.get("ppl_ratio_pct", nan), "delta_ppl_low_pct": d.get("ppl_ratio_low_pct", nan),
+            "delta_ppl_high_pct": d.get("ppl_ratio_high_pct", nan), "p": d.get("p", nan),
+            "p_holm": d.get("p_adjusted", nan), "mde_ppl_pct": d.get("mde_ppl_pct", nan),
+            "significant": r["significant"], "ranked": r["ranked"], "k": c.get("k"),
+            "active_parameters": c.get("active_parameters", nan), "total_parameters": c.get("total_parameters", nan),
+            "forward_flops_per_token": c.get("forward_flops_per_token", nan)})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def ablation_comparison(runs: Sequence[dict[str, Any]], arm: str = "scratch", alpha: float = ALPHA,
+                        power: float = MDE_POWER) -> dict[str, Any]:
+    """SPECTRA and its ablations (`ABLATIONS`) of `arm`: `comparison` over that family only (Holm over the ablations),
+    plus each ablation's *drop* — ``ablation − SPECTRA`` in NLL and % perplexity, sign kept (positive: removing the
+    component makes the loss worse) — and that drop as a fraction of the routing-control gap ``control − SPECTRA``
+    (paired mean NLL difference over their common seeds: 1 = removing the component is as bad as routing at random).
+    The fraction is nan when the gap is not positive (SPECTRA not better than the control) or there is no control."""
+    cmp = comparison(runs, arm, variants=("spectra", *ABLATIONS), alpha=alpha, power=power)
+    losses, _ = seed_losses([m for m in runs if m.get("arm") == arm])
+    control = next((v for v in CONTROLS if v in losses), None)
+    gap = {"control": control, "mean": float("nan"), "n": 0, "ppl_pct": float("nan")}
+    if control and "spectra" in losses:
+        d = S.paired_difference(losses["spectra"], losses[control], level=1 - alpha)
+        gap.update(mean=d["mean"], n=d["n"], ppl_pct=d["ppl_ratio_pct"], low=d["low"], high=d["high"])
+    usable = math.isfinite(gap["mean"]) and gap["mean"] > 0
+    for v in cmp["order"]:
+        d = cmp["variants"][v]["difference"]
+        if d is None:
+            continue
+        d["drop_nll"], d["drop_ppl_pct"] = d["mean"], d["ppl_ratio_pct"]
+        d["gap_fraction"] = d["mean"] / gap["mean"] if usable else float("nan")
+        d["gap_fraction_low"] = d["low"] / gap["mean"] if usable else float("nan")
+        d["gap_fraction_high"] = d["high"] / gap["mean"] if usable else float("nan")
+    cmp["control_gap"] = gap
+    return cmp
+
+
+def ablation_frame(cmp: Mapping[str, Any]):
+    """`comparison_frame` of `ablation_comparison` with the drop as a fraction of the control gap (and its CI)."""
+    frame = comparison_frame(cmp)
+    for col in ("gap_fraction", "gap_fraction_low", "gap_fraction_high"):
+        frame[col] = [((cmp["variants"][v]["difference"] or {}).get(col, float("nan"))) for v in frame["variant"]]
+    return frame
+
+
+# =============================================================================================== curves
+def heldout_curves(runs: Sequence[dict[str, Any]]):
+    """The held-out loss curve of every run (metrics.json `curve`: the validation-curve blocks at the curve points):
+    arm, variant, seed, step, tokens, val_nll."""
+    import pandas as pd
+
+    rows = [{"run": m["run"], "arm": m.get("arm", ""), "variant": m["variant"], "seed": int(m["seed"]),
+             "step": int(c["step"]), "tokens": int(c["tokens"]), "val_nll": float(c["val_nll"])}
+            for m in runs for c in (m.get("curve") or [])]
+    return pd.DataFrame(rows, columns=["run", "arm", "variant", "seed", "step", "tokens", "val_nll"])
+
+
+def time_to_threshold_table(runs: Sequence[dict[str, Any]], reference: str = "dense"):
+    """Steps each variant needs to reach the `reference`'s final held-out curve loss (Switch Transformer Table 1
+    style), per arm: the threshold is the mean over the reference's seeds of its last curve point; each seed's step
+    is `spectra.stats.time_to_threshold` of its own curve (linear between curve points, None = not reached).
+
+    One row per (arm, variant): threshold, n (seeds), reached (how many), steps_mean / steps_std over the seeds that
+    reached it (NaN if none did), steps (per seed, "-" = not reached), final_step, and speedup = the reference's
+    steps_mean / this variant's (NaN where either is missing). An arm without the reference has no rows."""
+    import pandas as pd
+
+    rows = []
+    for arm in ARMS:
+        arm_runs = [m for m in runs if m.get("arm") == arm and m.get("curve")]
+        ref = [m["curve"][-1]["val_nll"] for m in arm_runs if m["variant"] == reference]
+        ref = [x for x in ref if x is not None and math.isfinite(x)]
+        if not ref:
+            continue
+        threshold = float(np.mean(ref))
+        by_variant: dict[str, list[dict[str, Any]]] = {}
+        for m in arm_runs:
+            by_variant.setdefault(m["variant"], []).append(m)
+        arm_rows = []
+        for v in sorted(by_variant, key=_order_key):
+            ms = sorted(by_variant[v], key=lambda m: m["seed"])
+            hits = [S.time_to_threshold([c["step"] for c in m["curve"]],
+                                        [c["val_nll"] if c["val_nll"] is not None else float("nan") for c in m["curve"]],
+                                        threshold) for m in ms]
+            got = [h for h in hits if h is not None]
+            mean, std, _ = mean_std(got)
+            arm_rows.append({"arm": arm, "variant": v, "label": LABELS.get(v, v), "reference": reference,
+                             "threshold": threshold, "n": len(ms), "reached": len(got), "steps_mean": mean,
+                             "steps_std": std, "steps": " ".join("-" if h is None else f"{h:.1f}" for h in hits),
+                             "final_step": int(max(m["curve"][-1]["step"] for m in ms))})
+        ref_steps = next(r["steps_mean"] for r in arm_rows if r["variant"] == reference)
+        for r in arm_rows:
+            r["speedup"] = ref_steps / r["steps_mean"] if math.isfinite(r["steps_mean"]) and r["steps_mean"] > 0 else float("nan")
+        rows += arm_rows
+    return pd.DataFrame(rows, columns=["arm", "variant", "label", "reference", "threshold", "n", "reached",
+                                       "steps_mean", "steps_std", "steps", "final_step", "speedup"])
 
 
 # =============================================================================================== tables
@@ -289,94 +586,76 @@ SPECIALISATION_METRICS = ("expert_domain_mi", "expert_domain_nmi", "expert_purit
                           "mean_layer_entropy", "layer_consistency", "expert_overlap", "train_eval_agreement")
 
 
-def aggregate(frame, variants: Sequence[str] | None = None, columns: Sequence[str] = MAIN_METRICS,
-              reference: str = "spectra", test_column: str = "test_ppl"):
-    """Mean ± std over seeds per variant (rows in `VARIANT_ORDER`), with n, the difference of the mean
-    `test_column` to the `reference` variant and Welch's p-value against it (None + note "n<2" when a
-    side has fewer than two seeds)."""
+def aggregate(frame, variants: Sequence[str] | None = None, columns: Sequence[str] = MAIN_METRICS):
+    """Descriptive mean ± std over seeds of `columns`, one row per (arm, variant) in `VARIANT_ORDER` within each arm
+    (arm "" when the frame has none), with n and the seeds. No test here: comparisons of losses go through
+    `comparison` (paired, Holm-corrected)."""
     import pandas as pd
 
     frame = frame.copy()
+    if "arm" not in frame:
+        frame["arm"] = ""
     if "expr_drop_b" in columns and "expr_drop_b" not in frame:
         frame["expr_drop_b"] = frame["expr_ablation_ppl"] - frame["test_ppl"]
-    present = sorted(set(frame["variant"]), key=_order_key)
-    variants = [v for v in (variants or present) if v in present]
-    ref = frame.loc[frame["variant"] == reference, test_column].to_numpy()
     rows = []
-    for v in variants:
-        sub = frame[frame["variant"] == v]
-        row: dict[str, Any] = {"variant": v, "label": LABELS.get(v, v), "group": group_of(v), "n": len(sub),
-                               "seeds": " ".join(str(s) for s in sorted(sub["seed"]))}
-        for c in columns:
-            mean, std, n = mean_std(sub[c]) if c in sub else (float("nan"), float("nan"), 0)
-            row[f"{c}_mean"], row[f"{c}_std"] = mean, std
-        if v == reference:
-            row.update(delta_vs_ref=0.0, p_vs_ref=float("nan"), p_note="reference")
-        elif len(ref):
-            row["delta_vs_ref"] = float(np.nanmean(sub[test_column])) - float(np.mean(ref))
-            w = welch(sub[test_column].to_numpy(), ref)
-            row["p_vs_ref"] = w["p"] if w["p"] is not None else float("nan")
-            row["p_note"] = w["note"]
-        else:
-            row.update(delta_vs_ref=float("nan"), p_vs_ref=float("nan"), p_note=f"no {reference} run")
-        rows.append(row)
-    return pd.DataFrame(rows)
+    arms = sorted(set(frame["arm"]), key=lambda a: ARMS.index(a) if a in ARMS else len(ARMS))
+    for arm in arms:
+        sub_arm = frame[frame["arm"] == arm]
+        present = sorted(set(sub_arm["variant"]), key=_order_key)
+        for v in [v for v in (variants or present) if v in present]:
+            sub = sub_arm[sub_arm["variant"] == v]
+            row: dict[str, Any] = {"arm": arm, "variant": v, "label": LABELS.get(v, v), "group": group_of(v),
+                                   "n": len(sub), "seeds": " ".join(str(s) for s in sorted(sub["seed"]))}
+            for c in columns:
+                mean, std, _ = mean_std(sub[c]) if c in sub else (float("nan"), float("nan"), 0)
+                row[f"{c}_mean"], row[f"{c}_std"] = mean, std
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["arm", "variant", "label", "group", "n", "seeds",
+                                       *(f"{c}_{s}" for c in columns for s in ("mean", "std"))])
 
 
 def per_domain_table(frame):
-    """Mean test perplexity per domain (columns) for every variant (rows)."""
+    """Mean test perplexity per domain (columns) for every (arm, variant) (rows)."""
     import pandas as pd
 
+    if "arm" not in frame:
+        frame = frame.assign(arm="")
     doms = domains_of(frame)
     rows = []
-    for v in sorted(set(frame["variant"]), key=_order_key):
-        sub = frame[frame["variant"] == v]
-        row = {"variant": v, "label": LABELS.get(v, v), "n": len(sub)}
-        for d in doms:
-            row[d] = float(np.nanmean(sub[f"test_ppl_{d}"]))
-        row["all"] = float(np.nanmean(sub["test_ppl"]))
-        rows.append(row)
-    return pd.DataFrame(rows)
+    for arm in sorted(set(frame["arm"]), key=lambda a: ARMS.index(a) if a in ARMS else len(ARMS)):
+        sub_arm = frame[frame["arm"] == arm]
+        for v in sorted(set(sub_arm["variant"]), key=_order_key):
+            sub = sub_arm[sub_arm["variant"] == v]
+            row = {"arm": arm, "variant": v, "label": LABELS.get(v, v), "n": len(sub)}
+            for d in doms:
+                row[d] = float(np.nanmean(sub[f"test_ppl_{d}"]))
+            row["all"] = float(np.nanmean(sub["test_ppl"]))
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["arm", "variant", "label", "n", *doms, "all"])
 
 
-def expression_drops(frame) -> dict[str, Any]:
-    """The two expression-ablation drops of the method page §5 (test perplexity):
+def expression_drops(runs: Sequence[dict[str, Any]], arm: str = "scratch", alpha: float = ALPHA) -> dict[str, Any]:
+    """The two expression-ablation drops of the method page §5 in `arm`, both paired by seed (`spectra.stats`):
 
-    (a) ``ppl(no_expression) − ppl(spectra)``: difference of the seed means of two trained models, with
-        Welch's p when both have ≥ 2 seeds;
-    (b) ``ppl(spectra with batch-mean expression) − ppl(spectra)``: the same trained model evaluated twice,
-        paired per seed (mean ± std over the spectra seeds).
+    (a) ``no_expression − spectra``: two trained models, per-seed test NLL difference (`paired_difference`);
+    (b) ``spectra with batch-mean expression − spectra``: the same trained model evaluated twice (metrics.json
+        ``expression_ablation``), per seed.
 
-    Relative drops are in % of the spectra perplexity. Missing variants give NaN (n = 0).
+    Each as ``a_*`` / ``b_*``: n, mean NLL difference with its CI, p, and the perplexity change in % (``*_ppl_pct``,
+    with CI). Missing variants give n = 0 and nan (no exception).
     """
-    sp = frame[frame["variant"] == "spectra"]
-    ne = frame[frame["variant"] == "no_expression"]
-    out: dict[str, Any] = {}
-    sp_mean, sp_std, sp_n = mean_std(sp["test_ppl"])
-    ne_mean, ne_std, ne_n = mean_std(ne["test_ppl"])
-    out["a_drop"] = ne_mean - sp_mean if sp_n and ne_n else float("nan")
-    out["a_rel_pct"] = 100 * out["a_drop"] / sp_mean if sp_n and ne_n else float("nan")
-    out["a_n_spectra"], out["a_n_no_expression"] = sp_n, ne_n
-    w = welch(ne["test_ppl"].to_numpy(), sp["test_ppl"].to_numpy())
-    out["a_p"], out["a_note"] = w["p"], w["note"]
-    diffs = (sp["expr_ablation_ppl"] - sp["test_ppl"]).to_numpy()
-    out["b_drop"], out["b_std"], out["b_n"] = mean_std(diffs)
-    rel = 100 * diffs / sp["test_ppl"].to_numpy() if len(sp) else np.zeros(0)
-    out["b_rel_pct"] = mean_std(rel)[0]
+    runs = [m for m in runs if m.get("arm") == arm]
+    test, _ = seed_losses(runs, "test")
+    abl, _ = seed_losses([m for m in runs if m["variant"] == "spectra"], "expression_ablation")
+    out: dict[str, Any] = {"arm": arm}
+    pairs = {"a": (test.get("spectra", {}), test.get("no_expression", {})),
+             "b": (test.get("spectra", {}), abl.get("spectra", {}))}
+    for key, (a, b) in pairs.items():
+        d = S.paired_difference(a, b, level=1 - alpha)
+        out.update({f"{key}_n": d["n"], f"{key}_nll": d["mean"], f"{key}_nll_low": d["low"],
+                    f"{key}_nll_high": d["high"], f"{key}_p": d["p"], f"{key}_ppl_pct": d["ppl_ratio_pct"],
+                    f"{key}_ppl_low_pct": d["ppl_ratio_low_pct"], f"{key}_ppl_high_pct": d["ppl_ratio_high_pct"]})
     return out
-
-
-def significance_table(frame, reference: str = "spectra", column: str = "test_ppl"):
-    """Welch test of every variant against `reference` (p, t, note, n per side)."""
-    import pandas as pd
-
-    ref = frame.loc[frame["variant"] == reference, column].to_numpy()
-    rows = []
-    for v in sorted(set(frame["variant"]) - {reference}, key=_order_key):
-        x = frame.loc[frame["variant"] == v, column].to_numpy()
-        w = welch(x, ref)
-        rows.append({"variant": v, "n": len(x), "n_ref": len(ref), "p": w["p"], "t": w["t"], "note": w["note"]})
-    return pd.DataFrame(rows)
 
 
 # =============================================================================================== models
@@ -649,13 +928,15 @@ def tsne_2d(points: np.ndarray, seed: int = 0) -> np.ndarray | None:
 
 
 def specialization_table(frame, probes=None):
-    """Specialisation metrics per variant (mean ± std over seeds, `SPECIALISATION_METRICS` and test perplexity),
-    joined with the per-variant probe results (`probes`: one row per probed model with columns variant, domain_id,
-    bbc_topic, mmlu_group and, for MoE models, expert_diversity; the dense base model as variant "base model")."""
+    """Specialisation metrics per (arm, variant) (mean ± std over seeds, `SPECIALISATION_METRICS` and test perplexity),
+    joined with the per-variant probe results (`probes`: one row per probed model with columns variant (and arm, if
+    the frame has several), domain_id, bbc_topic, mmlu_group and, for MoE models, expert_diversity; the dense base
+    model as variant "base model")."""
     spec = aggregate(frame, columns=SPECIALISATION_METRICS + ("test_ppl",))
     if probes is not None and len(probes):
         cols = [c for c in ("domain_id", "bbc_topic", "mmlu_group", "expert_diversity") if c in probes]
-        spec = spec.merge(probes[["variant", *cols]], on="variant", how="outer")
+        on = ["arm", "variant"] if "arm" in probes else ["variant"]
+        spec = spec.merge(probes[[*on, *cols]], on=on, how="outer")
         base = spec["variant"] == "base model"
         spec.loc[base, "label"] = "base model"
         spec.loc[base, "group"] = "reference"
@@ -665,13 +946,17 @@ def specialization_table(frame, probes=None):
 
 
 def setup_facts(profile: str, runs: Sequence[dict[str, Any]], base: dict[str, Any], meta: dict[str, Any],
-                base_config: dict[str, Any], base_wall_seconds: float | None = None) -> dict[str, Any]:
-    """The setup facts the paper states (model sizes, steps, tokens, seeds, MoE settings as saved with the models,
-    data splits, data sources and licences from `spectra.resources`, and the hardware this runs on)."""
+                base_config: dict[str, Any], base_wall_seconds: float | None = None,
+                sweep: dict[str, Any] | None = None, extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The setup facts the paper states: the base model; per arm the training settings as run (the upcycling arm's
+    learning rate is the sweep's choice), tokens per run, the seeds of every variant (``seeds``: the fewest of any
+    variant, ``focus_seeds``: the most), the symmetry breaking, the evaluation sizes and the extra-seed choice
+    (`extra`: `extra_choice` per arm); the MoE settings as saved with the models; the upcycle sweep (`sweep`:
+    sweep.json); data splits, sources and licences (`spectra.resources`); and the hardware this runs on."""
     import platform
 
     from . import resources
-    from .data import DOMAIN_SOURCES
+    from .data import DOMAIN_SOURCES, SPLIT_FRACTIONS
 
     def art(name: str) -> dict[str, str]:
         a = resources.ARTIFACTS[name]
@@ -682,35 +967,54 @@ def setup_facts(profile: str, runs: Sequence[dict[str, Any]], base: dict[str, An
                    next((c for c in moe_cfgs.values() if c), None))
     mismatch = sorted(m["run"] for m in runs if m.get("moe_config") and moe_cfgs[m["run"]]
                       and m["moe_config"].get("num_experts") != moe_cfgs[m["run"]].get("num_experts"))
-    first: dict[str, dict[str, Any]] = {}
-    for m in runs:
-        first.setdefault(m["variant"], m)
+    arms: dict[str, Any] = {}
+    for arm in ARMS:
+        ms = [m for m in runs if m.get("arm") == arm]
+        if not ms:
+            continue
+        ref = next((m for m in ms if m["variant"] == "spectra"), ms[0])
+        sym = next((m.get("symmetry_breaking") for m in ms if m.get("symmetry_breaking")), None)
+        variants: dict[str, Any] = {}
+        for m in ms:
+            v = variants.setdefault(m["variant"], {"seeds": [], **(m.get("compute") or {}),
+                                                   "num_experts": (moe_cfgs[m["run"]] or {}).get("num_experts"),
+                                                   "top_k": (moe_cfgs[m["run"]] or {}).get("top_k")})
+            v["seeds"].append(int(m["seed"]))
+        counts = [len(v["seeds"]) for v in variants.values()]
+        arms[arm] = {
+            "train": ref["train"]["settings"], "tokens_seen_per_run": ref["train"]["tokens_seen"],
+            "runs": len(ms), "variants": {k: {**v, "seeds": sorted(v["seeds"])} for k, v in variants.items()},
+            "seeds": min(counts), "focus_seeds": max(counts),
+            "symmetry": {k: sym[k] for k in ("method", "fraction", "noise_std") if k in sym} if sym else None,
+            "curve_points": len(ref.get("curve") or []),
+            "validation_tokens": _get(ref, "validation", "tokens"), "test_tokens": _get(ref, "test", "tokens"),
+            "extra": (extra or {}).get(arm) or {}}
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
             cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    train = runs[0]["train"]["settings"] if runs else None
+    threads = next((a["train"].get("threads") for a in arms.values()), None)
     return {
         "profile": profile,
         "base": {"source": base.get("source"), "parameters": base.get("parameters"), "steps": base.get("steps"),
                  "tokens_seen": base.get("tokens_seen"), "settings": base.get("settings"), "wall_seconds": base_wall_seconds,
+                 "pretrain_tokens_available": base.get("train_tokens_available"),
+                 "fresh_tokens_available": base.get("fresh_tokens_available"),
                  "model_type": base_config.get("model_type"), "architectures": base_config.get("architectures"),
                  "n_layer": base_config.get("n_layer", base_config.get("num_hidden_layers")),
                  "n_embd": base_config.get("n_embd", base_config.get("hidden_size")),
                  "n_head": base_config.get("n_head", base_config.get("num_attention_heads")),
                  "vocab_size": base_config.get("vocab_size"),
                  "n_positions": base_config.get("n_positions", base_config.get("max_position_embeddings"))},
-        "train": train,
-        "tokens_seen_per_run": runs[0]["train"]["tokens_seen"] if runs else None,
+        "arms": arms,
         "moe": moe_cfg,
         "moe_config_mismatch": mismatch,
-        "variants": {v: {"seeds": sorted(int(m["seed"]) for m in runs if m["variant"] == v),
-                         "parameters": first[v].get("parameters"),
-                         "num_experts": (moe_cfgs[first[v]["run"]] or {}).get("num_experts"),
-                         "top_k": (moe_cfgs[first[v]["run"]] or {}).get("top_k")} for v in first},
+        "sweep": ({k: sweep.get(k) for k in ("variant", "seed", "steps", "choice")} | {"points": len(sweep.get("points", []))}
+                  if sweep else None),
         "data": {"domains": meta["domains"], "vocab_size": meta["vocab_size"], "block_size": meta["block_size"],
+                 "split_fractions": dict(SPLIT_FRACTIONS),
                  "splits": {s: {"blocks": meta["splits"][s]["n_blocks"], "tokens": meta["splits"][s]["tokens"]}
                             for s in meta.get("splits", {})},
                  "sources": {d: [art(a) for a in DOMAIN_SOURCES.get(d, ())] for d in meta["domains"]},
@@ -718,7 +1022,7 @@ def setup_facts(profile: str, runs: Sequence[dict[str, Any]], base: dict[str, An
         "hardware": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
                      "python": platform.python_version(), "torch": torch.__version__,
                      "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                     "threads_per_run": train.get("threads") if train else None},
+                     "threads_per_run": threads},
     }
 
 
@@ -732,12 +1036,14 @@ def stratified_blocks(blocks: np.ndarray, domains: np.ndarray, max_blocks: int) 
 
 
 def first_seed_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One run per variant: the lowest seed (for analyses that load models)."""
-    seen: dict[str, dict[str, Any]] = {}
+    """One run per (arm, variant): the lowest seed (for analyses that load models; seed 0 keeps its model/)."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
     for m in runs:
-        if m["variant"] not in seen or m["seed"] < seen[m["variant"]]["seed"]:
-            seen[m["variant"]] = m
-    return sorted(seen.values(), key=lambda m: _order_key(m["variant"]))
+        key = (m.get("arm", ""), m["variant"])
+        if key not in seen or m["seed"] < seen[key]["seed"]:
+            seen[key] = m
+    return sorted(seen.values(), key=lambda m: (ARMS.index(m["arm"]) if m.get("arm") in ARMS else len(ARMS),
+                                               _order_key(m["variant"])))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

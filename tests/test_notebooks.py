@@ -75,12 +75,23 @@ def test_the_first_built_profile_is_chosen_default_first(fake_root):
     assert common.notebook_setup("03_ablations", "tiny")[0] == "tiny"  # an explicit choice is kept
 
 
+def test_the_comparison_notebooks_read_both_arms_the_extra_seeds_and_the_sweep():
+    """Notebooks 02 and 03 read the experiment's layout (README 'Experiment'): their DVC dependencies are both arms,
+    the strongest baselines' extra seeds and the upcycle sweep of the profile."""
+    for stage in ("02_gpt2_training", "03_ablations"):
+        deps = {str(p.relative_to(ROOT)) for p in common.profile_inputs(stage, "tiny")}
+        assert {"runs/tiny/scratch", "runs/tiny/upcycle", "runs/tiny/extra", "results/tiny/upcycle_sweep"} <= deps, stage
+
+
 def test_a_chosen_profile_with_missing_outputs_names_them_and_its_command(fake_root):
     _build(fake_root, "02_gpt2_training", "tiny")
-    (fake_root / "runs" / "tiny" / "top2-s1" / "log.jsonl").unlink()
+    (fake_root / "runs" / "tiny" / "upcycle").rmdir()  # the upcycling arm was not built
+    (fake_root / "runs" / "tiny" / "base" / "metrics.json").unlink()
     with pytest.raises(common.NotBuiltError) as err:
         common.notebook_setup("02_gpt2_training", "tiny")
-    assert "runs/tiny/top2-s1/log.jsonl" in str(err.value) and "`make tiny`" in str(err.value)
+    msg = str(err.value)
+    assert "runs/tiny/upcycle" in msg and "runs/tiny/base/metrics.json" in msg and "`make tiny`" in msg
+    assert "runs/tiny/scratch" not in msg  # only what is missing
     with pytest.raises(common.NotBuiltError, match="unknown"):
         common.notebook_setup("02_gpt2_training", "huge")
 

@@ -173,7 +173,7 @@ def test_a_notebook_runs_interactively_on_the_built_profile(tiny, tmp_path):
     code = ("import papermill; papermill.execute_notebook('notebooks/03_ablations.ipynb', "
             f"'{tmp_path / 'executed.ipynb'}', cwd='notebooks', kernel_name='python3', progress_bar=False)")
     _run(f'{sys.executable} -c "{code}"', tiny.dest, tiny.env)
-    assert (tiny.dest / "notebooks" / "lab" / "tiny" / "03_ablations" / "main_table.csv").exists()
+    assert (tiny.dest / "notebooks" / "lab" / "tiny" / "03_ablations" / "main_scratch.csv").exists()
     assert _run("git status --porcelain --untracked-files=all", tiny.dest, tiny.env).strip() == ""
     assert "up to date" in _run(f"{sys.executable} pipeline/repro.py tiny status", tiny.dest, tiny.env)
 
