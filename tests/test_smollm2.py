@@ -52,15 +52,18 @@ def test_real_smollm2_generates_with_spectra(smollm2):
 
 
 def test_smollm2_profile_runs(tmp_path):
-    """`dvc repro` of two runs of the smollm2 profile (dense and spectra), from a fresh copy."""
+    """`dvc repro` of two stages of the smollm2 profile's upcycling arm (dense and spectra), from a fresh copy."""
     from test_pipeline_e2e import _copy_repo, _run
 
     dest, env = _copy_repo(tmp_path, "smollm2")
     t0 = time.perf_counter()
-    _run("dvc repro train@dense-s0 train@spectra-s0", dest, env, timeout=1500)
-    print(f"\n[smollm2 profile] dvc repro of dense-s0 and spectra-s0: {time.perf_counter() - t0:.0f} s")
+    _run("dvc repro upcycle@dense upcycle@spectra", dest, env, timeout=1500)
+    print(f"\n[smollm2 profile] dvc repro of upcycle@dense and upcycle@spectra: {time.perf_counter() - t0:.0f} s")
     import json
-    m = json.loads((dest / "runs" / "smollm2" / "spectra-s0" / "metrics.json").read_text())
-    assert m["status"] == "trained" and m["train"]["completed"]
-    assert m["moe_config"]["num_experts"] == 4
-    assert 1.0 < m["validation"]["ppl"] < 1e4
+    for seed in ("s0", "s1"):
+        m = json.loads((dest / "runs" / "smollm2" / "upcycle" / "spectra" / seed / "metrics.json").read_text())
+        assert m["arm"] == "upcycle" and m["variant"] == "spectra" and m["train"]["completed"]
+        assert m["moe_config"]["num_experts"] == 4
+        assert 1.0 < m["validation"]["ppl"] < 1e4 and 1.0 < m["test"]["ppl"] < 1e4
+    dense = json.loads((dest / "runs" / "smollm2" / "upcycle" / "dense" / "s0" / "metrics.json").read_text())
+    assert dense["moe_config"] is None and dense["train"]["completed"]
