@@ -694,19 +694,62 @@ def block_features(model: nn.Module, blocks: np.ndarray, batch_size: int | None 
     return torch.stack([r["means"][layer] for r in rows]).numpy()
 
 
-def text_features(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int) -> np.ndarray:
-    """`spectra.evaluate.hidden_features` with a pad token set (our BPE tokenizers have none)."""
+def text_features(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int, layer: int = -1) -> np.ndarray:
+    """`spectra.evaluate.hidden_features` (mean-pooled hidden state `layer`: 0 the embeddings, -1 the last) with a
+    pad token set (our BPE tokenizers have none)."""
     from .evaluate import hidden_features
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return hidden_features(model, tokenizer, list(texts), max_length=max_length)
+    return hidden_features(model, tokenizer, list(texts), max_length=max_length, layer=layer)
 
 
 def probe(train_x: np.ndarray, train_y: Sequence[int], test_x: np.ndarray, test_y: Sequence[int]) -> float:
     """Linear-probe accuracy (`spectra.metrics.linear_probe_accuracy`) of numpy features."""
     return metrics.linear_probe_accuracy(torch.as_tensor(train_x), torch.as_tensor(np.asarray(train_y)),
                                          torch.as_tensor(test_x), torch.as_tensor(np.asarray(test_y)))
+
+
+def probe_with_ci(train_x: np.ndarray, train_y: Sequence[int], test_x: np.ndarray, test_y: Sequence[int],
+                  level: float = 1 - ALPHA) -> dict[str, float]:
+    """`probe` accuracy with its Wilson interval over the test items (`spectra.stats.wilson_interval`)."""
+    acc = probe(train_x, train_y, test_x, test_y)
+    n = len(test_y)
+    low, high = S.wilson_interval(int(round(acc * n)), n, level)
+    return {"accuracy": acc, "low": low, "high": high, "n_test": n}
+
+
+def probe_layer_indices(num_layers: int, max_points: int = 7) -> list[int]:
+    """The hidden states a layer-wise probe reads: 0 (embeddings) to `num_layers` (the last block's output), all
+    of them when there are at most `max_points`, else `max_points` evenly spaced ones (first and last kept)."""
+    if num_layers < 0 or max_points < 2:
+        raise ValueError(f"probe_layer_indices: num_layers={num_layers} must be >= 0 and max_points={max_points} >= 2")
+    if num_layers + 1 <= max_points:
+        return list(range(num_layers + 1))
+    return sorted({round(i * num_layers / (max_points - 1)) for i in range(max_points)})
+
+
+#: A probe task: (training inputs, training labels, test inputs, test labels); inputs are token blocks [B, T]
+#: (an ndarray: `block_features`) or texts (a list of str: `text_features`).
+ProbeTask = tuple[Any, Sequence[int], Any, Sequence[int]]
+
+
+def layer_probes(model: nn.Module, tokenizer: Any, tasks: Mapping[str, ProbeTask], layers: Sequence[int],
+                 max_length: int, level: float = 1 - ALPHA) -> list[dict[str, Any]]:
+    """Linear probes (seed 004 §3.2) of mean-pooled hidden states at every index in `layers`, for each task: rows
+    ``{probe, layer, accuracy, low, high, n_test}`` (Wilson interval at `level`). Token-block features come from
+    one cached forward (`block_features`); text features are recomputed per layer."""
+    def features(x: Any, layer: int) -> np.ndarray:
+        if isinstance(x, np.ndarray):
+            return block_features(model, x, layer=layer)
+        return text_features(model, tokenizer, x, max_length, layer=layer)
+
+    rows = []
+    for name, (tr_x, tr_y, te_x, te_y) in tasks.items():
+        for layer in layers:
+            rows.append({"probe": name, "layer": int(layer),
+                         **probe_with_ci(features(tr_x, layer), tr_y, features(te_x, layer), te_y, level)})
+    return rows
 
 
 # =============================================================================================== method demo
@@ -850,6 +893,126 @@ def affinity_per_layer(routing: dict[str, np.ndarray], num_experts: int, num_dom
         num_experts = max(num_experts, loads.shape[1])
     doms = torch.from_numpy(np.repeat(routing["block_domains"].astype(np.int64), int(routing["block_size"])))
     return [metrics.expert_domain_mi(t, doms, num_experts, num_domains) for t in top1]
+
+
+def block_expert_counts(routing: dict[str, np.ndarray], num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block top-1 expert counts ``[L, B, E]`` of a run's routing.npz and the blocks' domains ``[B]`` (the
+    unit the specialisation bootstrap resamples: tokens of one block share a document, so they are not
+    independent draws). Empty ``[0, B, E]`` for a router with no per-token top-1 (expert choice)."""
+    top1 = np.asarray(routing["top1"])
+    doms = np.asarray(routing["block_domains"]).astype(np.int64)
+    if top1.size == 0:
+        return np.zeros((0, len(doms), num_experts), np.int64), doms
+    loads = routing.get("loads")
+    if loads is not None and np.ndim(loads) == 2:
+        num_experts = max(num_experts, int(np.shape(loads)[1]))
+    layers, tokens = top1.shape
+    per_block = tokens // max(1, len(doms))
+    if per_block * len(doms) != tokens:
+        raise ValueError(f"routing.npz: {tokens} routed tokens do not split into {len(doms)} blocks")
+    t = top1.astype(np.int64).reshape(layers, len(doms), per_block)
+    counts = np.zeros((layers, len(doms), num_experts), np.int64)
+    for e in range(num_experts):
+        counts[..., e] = (t == e).sum(-1)
+    return counts, doms
+
+
+def contingency_stats(joint: np.ndarray) -> dict[str, np.ndarray]:
+    """MI (nats), NMI and purity of contingency counts ``[..., D, E]``, vectorised over the leading axes — the
+    definitions of `spectra.metrics.expert_domain_mi` (NMI = I / min(H(E), H(D)); purity = Σ_e max_d P(d, e))."""
+    joint = np.asarray(joint, np.float64)
+    n = joint.sum((-2, -1), keepdims=True)
+    p = np.divide(joint, n, out=np.zeros_like(joint), where=n > 0)
+    p_d, p_e = p.sum(-1, keepdims=True), p.sum(-2, keepdims=True)
+    indep = p_d * p_e
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0) / np.where(indep > 0, indep, 1.0)), 0.0)
+        h_d = -np.where(p_d > 0, p_d * np.log(np.where(p_d > 0, p_d, 1.0)), 0.0).sum((-2, -1))
+        h_e = -np.where(p_e > 0, p_e * np.log(np.where(p_e > 0, p_e, 1.0)), 0.0).sum((-2, -1))
+    mi = np.clip(terms.sum((-2, -1)), 0.0, None)
+    denom = np.minimum(h_d, h_e)
+    nmi = np.where(denom > 1e-12, np.minimum(1.0, mi / np.where(denom > 1e-12, denom, 1.0)), 0.0)
+    return {"mi": mi, "nmi": nmi, "purity": p.max(-2).sum(-1)}
+
+
+def _stratified_draws(doms: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``[n_boot, B]`` block indices: each domain's blocks resampled with replacement (its share kept fixed)."""
+    cols = []
+    for d in np.unique(doms):
+        idx = np.flatnonzero(doms == d)
+        cols.append(idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))])
+    return np.concatenate(cols, axis=1)
+
+
+def specialisation_bootstrap(routings: Sequence[dict[str, np.ndarray]], num_experts: int, num_domains: int,
+                             n_boot: int = 1000, level: float = 1 - ALPHA, seed: int = 0) -> list[dict[str, Any]]:
+    """Expert–domain MI / NMI / purity per MoE layer, averaged over runs (the seeds of one variant), with
+    bootstrap CIs and a permutation null (issue 12, item 6).
+
+    * ``mi`` (``nmi``, ``purity``): the plug-in statistic of `spectra.metrics.expert_domain_mi`, mean over runs;
+      ``mi_std``: its spread over runs (seeds);
+    * CI: a block bootstrap — each domain's blocks resampled with replacement (its share kept), independently for
+      every run, `n_boot` times — of the seed-mean. The plug-in MI is biased upwards (about (E−1)(D−1)/2N nats,
+      more when the tokens of a block share an expert) and more so on a resample, so the interval is the *basic*
+      one, ``[2θ̂ − q_hi, 2θ̂ − q_lo]``, and ``mi_bc = 2θ̂ − mean(θ*)`` the bias-corrected estimate it brackets. It
+      covers which held-out blocks were routed, given these seeds — not the seeds;
+    * null: the statistic after permuting the blocks' domain labels (`n_boot` permutations per run) — what a
+      router with *no* domain preference scores on these blocks; ``p_perm``: the one-sided permutation p-value of
+      the seed-mean MI against it.
+    Returns one dict per layer; [] when no run has a per-token top-1 record.
+    """
+    rng = np.random.default_rng(seed)
+    keys = ("mi", "nmi", "purity")
+    obs, null, boot = [], [], []
+    for routing in routings:
+        counts, doms = block_expert_counts(routing, num_experts)
+        if counts.shape[0] == 0 or len(doms) == 0:
+            continue
+        eye = np.eye(num_domains, dtype=np.float64)
+        obs.append(contingency_stats(np.einsum("bd,lbe->lde", eye[doms], counts)))          # [L]
+        perm = np.argsort(rng.random((n_boot, len(doms))), axis=1)                         # [R, B]
+        null.append(contingency_stats(np.einsum("rbd,lbe->lrde", eye[doms[perm]], counts)))  # [L, R]
+        draw = _stratified_draws(doms, n_boot, rng)                                        # [R, B] block indices
+        boot.append(contingency_stats(np.einsum("rbd,lrbe->lrde", eye[doms[draw]], counts[:, draw])))
+    if not obs:
+        return []
+    lo_q, hi_q = 0.5 * (1 - level), 0.5 * (1 + level)
+    out = []
+    for layer in range(obs[0]["mi"].shape[0]):
+        row: dict[str, Any] = {"layer": layer, "n_runs": len(obs), "n_boot": n_boot, "level": level}
+        for key in keys:
+            per_run = np.array([o[key][layer] for o in obs])
+            point = float(per_run.mean())
+            reps = np.mean([b[key][layer] for b in boot], axis=0)                          # [R]: seed-mean
+            nul = np.mean([z[key][layer] for z in null], axis=0)
+            row.update({key: point, f"{key}_std": float(per_run.std(ddof=1)) if len(per_run) > 1 else float("nan"),
+                        f"{key}_bc": 2 * point - float(reps.mean()),
+                        f"{key}_low": max(0.0, 2 * point - float(np.quantile(reps, hi_q))),
+                        f"{key}_high": 2 * point - float(np.quantile(reps, lo_q)),
+                        f"null_{key}": float(nul.mean()), f"null_{key}_high": float(np.quantile(nul, hi_q))})
+            if key == "mi":
+                row["p_perm"] = float((1 + np.sum(nul >= point)) / (1 + n_boot))
+        out.append(row)
+    return out
+
+
+def specialisation_layers(runs: Sequence[dict[str, Any]], num_experts: int, num_domains: int, n_boot: int = 1000,
+                          level: float = 1 - ALPHA):
+    """`specialisation_bootstrap` of every (arm, variant) with routing records: one row per MoE layer."""
+    import pandas as pd
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for m in runs:
+        if moe_config_of_run(m) is not None:
+            groups.setdefault((m["arm"], m["variant"]), []).append(m)
+    rows = []
+    for (arm, variant), ms in sorted(groups.items(), key=lambda kv: (kv[0][0], _order_key(kv[0][1]))):
+        seeds = sorted(int(m["seed"]) for m in ms)
+        for r in specialisation_bootstrap([read_routing(m["_dir"]) for m in ms], num_experts, num_domains,
+                                          n_boot=n_boot, level=level):
+            rows.append({"arm": arm, "variant": variant, "label": LABELS.get(variant, variant),
+                         "seeds": " ".join(map(str, seeds)), **r})
+    return pd.DataFrame(rows)
 
 
 def layer_table(runs: Sequence[dict[str, Any]]):

@@ -37,6 +37,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -62,6 +63,7 @@ FIGURES: dict[tuple[str, str], str] = {
     ("03_ablations", "main_ppl.pdf"): "main_ppl.pdf",
     ("03_ablations", "per_domain.pdf"): "per_domain.pdf",
     ("03_ablations", "balance_vs_ppl.pdf"): "balance_vs_ppl.pdf",
+    ("03_ablations", "sensitivity.pdf"): "sensitivity.pdf",  # not drawn where the profile skips the analysis
     ("04_specialization_analysis", "affinity_all.pdf"): "affinity_all.pdf",
     ("04_specialization_analysis", "affinity_layers.pdf"): "affinity_layers.pdf",
     ("04_specialization_analysis", "layer_util.pdf"): "layer_util.pdf",
@@ -71,9 +73,11 @@ FIGURES: dict[tuple[str, str], str] = {
     ("04_specialization_analysis", "layer_balance.pdf"): "layer_balance.pdf",
     ("04_specialization_analysis", "gram_spectrum.pdf"): "gram_spectrum.pdf",
     ("04_specialization_analysis", "routing_dynamics.pdf"): "routing_dynamics.pdf",
+    ("04_specialization_analysis", "specialization_layers.pdf"): "specialization_layers.pdf",
+    ("04_specialization_analysis", "probe_layers.pdf"): "probe_layers.pdf",
 }
 OPTIONAL_FIGURES = {"expert_tsne.pdf", "affinity_layers.pdf", "layer_balance.pdf", "gram_spectrum.pdf",
-                    "routing_dynamics.pdf"}
+                    "routing_dynamics.pdf", "sensitivity.pdf"}
 #: The other notebook outputs the report reads, per notebook (all required); ``{arm}`` stands for each of ARMS.
 INPUTS: dict[str, tuple[str, ...]] = {
     "01_method_demo": ("numbers.json",),
@@ -81,7 +85,8 @@ INPUTS: dict[str, tuple[str, ...]] = {
                          "upcycle_sweep.csv"),
     "03_ablations": ("comparison_{arm}.json", "ablation.json", "ablation_table.csv", "per_domain.csv", "balance.csv",
                      "expression_ablation.json"),
-    "04_specialization_analysis": ("specialization_table.csv", "probes.csv", "probe_chance.json"),
+    "04_specialization_analysis": ("specialization_table.csv", "probes.csv", "probe_chance.json",
+                                   "specialization_layers.csv", "probe_layers.csv", "dynamics.csv", "gram_geometry.csv"),
 }
 
 TEX_LABELS: dict[str, str] = {
@@ -126,6 +131,7 @@ STAGE_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("scratch", "from-scratch arm (one stage per variant)", ("scratch@",)),
     ("upcycle", "upcycling arm (one stage per variant)", ("upcycle@",)),
     ("extra", "extra seeds of the strongest baselines", ("extra_scratch", "extra_upcycle")),
+    ("sensitivity", "sensitivity analysis (SPECTRA from scratch, reduced budget)", ("sensitivity",)),
     ("notebooks", "analysis notebooks", NOTEBOOKS),
     ("benchmark", "router benchmark", ("benchmark",)),
     ("paper", "report and PDF (previous build)", ("report", "paper")),
@@ -267,6 +273,11 @@ def words(n: int) -> str:
             9: "nine", 10: "ten"}.get(n, str(n))
 
 
+def of(k: int, n: int) -> str:
+    """'none of three', 'two of three'."""
+    return f"{'none' if k == 0 else words(k)} of {words(n)}"
+
+
 def listing(items: Sequence[str]) -> str:
     """'a', 'a and b', 'a, b and c'."""
     items = list(items)
@@ -339,6 +350,10 @@ class Report:
         self.spec = read_csv(sp / "specialization_table.csv")
         self.probes = read_csv(sp / "probes.csv")
         self.chance = read_json(sp / "probe_chance.json")
+        self.spec_layers = read_csv(sp / "specialization_layers.csv")
+        self.probe_layers = read_csv(sp / "probe_layers.csv")
+        self.dynamics = read_csv(sp / "dynamics.csv")
+        self.geometry = read_csv(sp / "gram_geometry.csv")
         self.base = read_json(self.runs_dir / "base" / "metrics.json")
         try:
             self.runs = A.load_runs(self.runs_dir)
@@ -1072,6 +1087,93 @@ class Report:
             text += (f" The ablated model is better than SPECTRA for {listing(helps)}: that component hurts at this scale.")
         return text
 
+    # ---------------------------------------------------------------------------------------- sensitivity
+    #: How the table and the sentence name each factor of pipeline/sensitivity.py (FACTORS).
+    SENSITIVITY_FACTORS = {"repulsion_weight": "repulsion $\\lambda$", "sinkhorn_epsilon": "Sinkhorn $\\varepsilon$",
+                           "sinkhorn_iters": "Sinkhorn iterations", "entropy_loss_coef": "entropy coefficient",
+                           "num_experts": "experts $E$", "capacity_factor": "capacity factor"}
+
+    def build_sensitivity(self) -> None:
+        """The `sensitivity` stage (results/<profile>/sensitivity/sensitivity.json, pipeline/sensitivity.py): a table
+        of every factor value (validation loss, Δ to the default at the same seed, marked beyond the noise band
+        ±2·√2·SD of the default over seeds; the fraction of assignments the capacity drops in training), the budget
+        macros and `SensitivityClaim`. A profile that does not run it (status file, or no file) says so."""
+        path = self.results / "sensitivity" / "sensitivity.json"
+        s = read_json(path) if path.exists() else {"status": "not run in this build"}
+        run = s.get("status") == "run"
+        b, nz = s.get("budget", {}), s.get("noise", {})
+        self.num("SensitivitySteps", b.get("steps", float("nan")), 0)
+        self.m("SensitivityTokens", fmt_int(b.get("train_tokens")) if run else "n/a")
+        self.m("SensitivityEvalTokens", fmt_int(b.get("eval_tokens")) if run else "n/a")
+        self.m("SensitivityRuns", fmt_int(b.get("runs")) if run else "n/a")
+        self.m("SensitivitySeeds", fmt_int(len(nz.get("seeds", []))) if run else "n/a")
+        self.num("SensitivityNoiseSD", nz.get("sd", float("nan")), 4)
+        self.num("SensitivityBand", nz.get("band", float("nan")), 4)
+        if not run:
+            text = ("The sensitivity analysis is not run in this profile (its params.yaml section is null)." if s.get("reason")
+                    else "The sensitivity analysis was not run in this build.")
+            self.tables["sensitivity"] = tabular("l", ["Sensitivity"], [[text]])
+            self.m("SensitivityClaim", text)
+            self.m("SensitivityNote", "")
+            return
+        rows: list[Any] = []
+        for factor in s["factors"]:
+            fr = [r for r in s["rows"] if r["factor"] == factor]
+            if rows:
+                rows.append("midrule")
+            for i, r in enumerate(fr):
+                delta = "reference" if r["is_default"] else sfmt(r["delta_val_nll"], 4) + ("$^\\dagger$" if r["beyond_noise"] else "")
+                what = self.SENSITIVITY_FACTORS.get(factor, tex_escape(factor))
+                what += f" ($k{{=}}{s['top_k']}$)" if factor == "num_experts" else ""
+                rows.append([what if i == 0 else "",
+                             tex_escape(r["label"]) + (" (default)" if r["is_default"] else ""), fmt(r["val_nll"], 4),
+                             delta, fmt(100 * r["dropped_fraction"], 1)])
+        self.tables["sensitivity"] = tabular("llrrr", ["Factor", "Value", "Val. loss (nats)", "$\\Delta$ vs default (nats)",
+                                                       "Dropped (\\%)"], rows)
+        self.m("SensitivityNote", (
+            f"$^\\dagger$: $|\\Delta|$ beyond the noise band $\\pm${fmt(nz['band'], 4)} nats ($2\\sqrt2$ times the default "
+            f"configuration's standard deviation over its {words(len(nz['seeds']))} seeds, {fmt(nz['sd'], 4)} nats). "
+            "Dropped: the fraction of token-expert assignments over capacity in training (mean over steps and layers); "
+            + ("evaluation applies the capacity too." if s.get("capacity_in_eval") else "evaluation is dropless.")))
+        self.m("SensitivityClaim", self._sensitivity_claim(s))
+
+    def _sensitivity_claim(self, s: dict[str, Any]) -> str:
+        b, nz = s["budget"], s["noise"]
+
+        def at(r: dict[str, Any]) -> str:  # "repulsion $\lambda$ at 0.25"
+            return f"{self.SENSITIVITY_FACTORS.get(r['factor'], tex_escape(r['factor']))} at {tex_escape(r['label'])}"
+
+        text = (f"Each point is one from-scratch run of {fmt_int(b['steps'])} steps ({fmt_int(b['train_tokens'])} "
+                f"training tokens; the main runs take {fmt_int(b['full_steps'])} steps), its loss measured on "
+                f"{fmt_int(b['eval_tokens'])} validation tokens. The default configuration's loss has a standard "
+                f"deviation of {fmt(nz['sd'], 4)} nats over {words(len(nz['seeds']))} seeds, so a difference to it within "
+                f"$\\pm${fmt(nz['band'], 4)} nats is not distinguishable at this budget. ")
+        moved = [r for r in s["rows"] if r["beyond_noise"]]
+        if moved:
+            parts = [f"{at(r)} {'lowers' if r['delta_val_nll'] < 0 else 'raises'} the loss by "
+                     f"{fmt(abs(r['delta_val_nll']), 4)} nats" for r in moved]
+            within = [self.SENSITIVITY_FACTORS.get(f, tex_escape(f)) for f in s["factors"]
+                      if not any(r["factor"] == f for r in moved)]
+            text += f"Beyond the noise: {listing(parts)}" + (f"; {listing(within)} stayed within it." if within else ".")
+        else:
+            others = [r for r in s["rows"] if not r["is_default"]]
+            text += "No factor moved the loss beyond the noise"
+            if others:
+                top = max(others, key=lambda r: abs(r["delta_val_nll"]))
+                text += f": the largest difference is {sfmt(top['delta_val_nll'], 4)} nats, {at(top)}"
+            text += "."
+        best = [s["best"][f] | {"factor": f} for f in s["factors"]]
+        lower = [r for r in best if not r["is_default"]]
+        if not lower:
+            return text + " The default value has the lowest loss of every factor."
+        kept = [self.SENSITIVITY_FACTORS.get(r["factor"], tex_escape(r["factor"])) for r in best if r["is_default"]]
+        real = [at(r) for r in lower if r["beyond_noise"]]
+        text += (f" The lowest loss of each factor is {listing([at(r) for r in lower])}"
+                 + (f" (the default for {listing(kept)})" if kept else "") + "; "
+                 + (f"of these only {listing(real)} {'is' if len(real) == 1 else 'are'} beyond the band." if real else
+                    "none of these differs from the default beyond the band."))
+        return text
+
     def _expression_claim(self) -> None:
         d = self.drops
         parts = []
@@ -1269,6 +1371,215 @@ class Report:
             self.m("ProbeClaim", "The probes were not run for SPECTRA and the base model.")
 
 
+    # ---------------------------------------------------------------------------------------- per-layer specialisation
+    @staticmethod
+    def _ci(x: Any, lo: Any, hi: Any, digits: int = 3) -> str:
+        """``x [lo, hi]``; ``--`` when x is missing."""
+        if not finite(x):
+            return "--"
+        tidy = lambda v: 0.0 if finite(v) and abs(v) < 0.5 * 10 ** -digits else v  # noqa: E731  (no 5.7e-05 in a table)
+        x, lo, hi = tidy(x), tidy(lo), tidy(hi)
+        return f"{fmt(x, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]" if finite(lo) and finite(hi) else fmt(x, digits)
+
+    def _level(self) -> str:
+        """The confidence level of every interval, in % (1 − ALPHA)."""
+        return fmt_int(100 * (1 - self.A.ALPHA))
+
+    @staticmethod
+    def _shown_layers(layers: Sequence[int], most: int = 4) -> list[int]:
+        """At most `most` evenly spaced layers of a deep model for a table (first and last kept)."""
+        layers = sorted(set(int(x) for x in layers))
+        if len(layers) <= most:
+            return layers
+        return sorted({layers[round(i * (len(layers) - 1) / (most - 1))] for i in range(most)})
+
+    def build_specialisation_layers(self) -> None:
+        """Table `specialization_layers` and \\SpecLayerClaim: the bias-corrected expert–domain MI per MoE layer with
+        block-bootstrap CIs and the permutation test (`spectra.analysis.specialisation_bootstrap`), Holm over each
+        arm's (variant, layer) tests."""
+        rows: list[Any] = []
+        claims: list[str] = []
+        for arm in ARMS:
+            sub = [r for r in self.spec_layers if r["arm"] == arm]
+            if not sub:
+                continue
+            holm = self.A.S.holm({f"{r['variant']}/{int(r['layer'])}": r["p_perm"] for r in sub}, alpha=self.A.ALPHA)
+            layers = self._shown_layers([r["layer"] for r in sub])
+            by = {(r["variant"], int(r["layer"])): r for r in sub}
+            order = sorted({r["variant"] for r in sub}, key=self._order)
+            if rows:
+                rows.append("midrule")
+            rows.append([f"\\multicolumn{{{1 + 3 * len(layers)}}}{{l}}{{\\emph{{{ARM_TEXT[arm]} arm}}}}"])
+            for v in order:
+                cells = [label(v)]
+                for layer in layers:
+                    r = by.get((v, layer))
+                    if r is None:
+                        cells += ["--"] * 3
+                        continue
+                    sig = "" if holm[f"{v}/{layer}"]["significant"] else "$^{\\circ}$"
+                    cells += [self._ci(r["mi_bc"], r["mi_low"], r["mi_high"]) + sig, fmt(r["nmi"], 3), fmt(r["purity"], 3)]
+                rows.append(cells)
+            claims.append(self._spec_layer_claim(arm, sub, by, holm))
+        if not rows:
+            self.tables["specialization_layers"] = tabular("l", ["Specialisation per layer"], [["no MoE run with routing records"]])
+            self.m("SpecLayerClaim", "No MoE run kept per-token routing records.")
+            return
+        layers_all = self._shown_layers([r["layer"] for r in self.spec_layers])
+        header = ["Variant"] + [h for layer in layers_all for h in (f"MI$_{{\\mathrm{{bc}}}}$ L{layer} [{self._level()}\\% CI]", "NMI", "Purity")]
+        self.tables["specialization_layers"] = tabular("l" + "rrr" * len(layers_all), header, rows)
+        self.m("SpecLayerClaim", " ".join(c for c in claims if c))
+        self.m("SpecBootReps", fmt_int(self.spec_layers[0]["n_boot"]))
+
+    def _spec_layer_claim(self, arm: str, sub: list[dict[str, Any]], by: dict[tuple[str, int], dict[str, Any]],
+                          holm: dict[str, dict[str, Any]]) -> str:
+        layers = sorted({int(r["layer"]) for r in sub})
+        if not any(v == "spectra" for v, _ in by):
+            return f"In the {ARM_TEXT[arm]} arm SPECTRA has no routing record."
+        sp = [by[("spectra", l)] for l in layers if ("spectra", l) in by]
+        learned = [v for v in {r["variant"] for r in sub} if v != "spectra" and self.A.is_learned_router(v)]
+        text = (f"In the {ARM_TEXT[arm]} arm, SPECTRA's bias-corrected expert--domain mutual information is "
+                + listing([self._ci(r['mi_bc'], r['mi_low'], r['mi_high']) for r in sp])
+                + f" nats in MoE layer{'s' if len(sp) > 1 else ''} {listing([str(int(r['layer'])) for r in sp])}")
+        n_sig = sum(holm[f"spectra/{int(r['layer'])}"]["significant"] for r in sp)
+        text += f" (above the label-permutation null in {of(n_sig, len(sp))} layers after Holm)"
+        if learned:
+            top = max(learned, key=lambda v: statistics.fmean([by[(v, l)]["mi_bc"] for l in layers if (v, l) in by]))
+            tr = [by[(top, l)] for l in layers if (top, l) in by]
+            below = sum(by[("spectra", int(r["layer"]))]["mi_high"] < r["mi_low"] for r in tr if ("spectra", int(r["layer"])) in by)
+            above = sum(by[("spectra", int(r["layer"]))]["mi_low"] > r["mi_high"] for r in tr if ("spectra", int(r["layer"])) in by)
+            rel = ("the two intervals overlap in every layer" if below == above == 0 else
+                   f"SPECTRA's interval lies entirely below it in {of(below, len(tr))} layers and entirely above it in "
+                   f"{of(above, len(tr))}")
+            text += (f"; the most domain-dependent learned router is {name(top)} ("
+                     + listing([fmt(r["mi_bc"], 3) for r in tr]) + f"; {rel})")
+        for ref, what in (("hash", "the hash router, a fixed function of the token id (what the domains' vocabularies "
+                                   "alone produce)"), ("random_router", "the frozen random router")):
+            rr = [by[(ref, l)] for l in layers if (ref, l) in by]
+            if rr:
+                text += f"; {what}: " + listing([fmt(r["mi_bc"], 3) for r in rr])
+        return text + " (block-bootstrap basic intervals over the routed held-out blocks, seeds fixed; \\cref{tab:speclayers})."
+
+    def build_probe_layers(self) -> None:
+        """Table `probe_layers` and \\ProbeLayerClaim: linear probes at every hidden state with Wilson intervals."""
+        pl = self.probe_layers
+        if not pl:
+            self.tables["probe_layers"] = tabular("l", ["Probes"], [["no probe run"]])
+            self.m("ProbeLayerClaim", "No layer-wise probe was run.")
+            return
+        tasks = [t for t in ("domain_id", "bbc_topic", "mmlu_group") if any(r["probe"] == t for r in pl)]
+        layers = self._shown_layers([r["layer"] for r in pl], most=4)
+        by = {(r["arm"], r["variant"], r["probe"], int(r["layer"])): r for r in pl}
+        models = []
+        for r in pl:
+            key = (r["arm"], r["variant"])
+            if key not in models:
+                models.append(key)
+        models.sort(key=lambda k: (0 if k[0] == "base" else (1 if k[0] == "scratch" else 2), self._order(k[1])))
+        rows = []
+        for arm, v in models:
+            cells = [label(v) + (" (upcycled)" if arm == "upcycle" else "")]
+            for t in tasks:
+                for layer in layers:
+                    r = by.get((arm, v, t, layer))
+                    cells.append(fmt(100 * r["accuracy"], 1) if r else "--")
+            rows.append(cells)
+        rows += ["midrule", ["Majority class"] + [fmt(100 * self.chance[t], 1) for t in tasks for _ in layers]]
+        names = {"domain_id": "Domain", "bbc_topic": "BBC", "mmlu_group": "MMLU"}
+        header = ["Model"] + [f"{names[t]} h{layer}" for t in tasks for layer in layers]
+        self.tables["probe_layers"] = tabular("l" + "r" * (len(tasks) * len(layers)), header, rows)
+        # claim: SPECTRA (main arm) against the dense model of the same arm and the base model, layer by layer
+        main = "scratch" if any(a == "scratch" for a, _ in models) else "upcycle"
+        if (main, "spectra") not in models:
+            self.m("ProbeLayerClaim", "SPECTRA was not probed.")
+            return
+        all_layers = sorted({int(r["layer"]) for r in pl})
+        parts = []
+        for t in tasks:
+            sp = [by[(main, "spectra", t, l)] for l in all_layers if (main, "spectra", t, l) in by]
+            best = max(sp, key=lambda r: r["accuracy"])
+            parts.append(f"{fmt(100 * sp[0]['accuracy'], 1)}\\% at the embeddings to {fmt(100 * sp[-1]['accuracy'], 1)}\\% "
+                         f"[{fmt(100 * sp[-1]['low'], 1)}, {fmt(100 * sp[-1]['high'], 1)}] at the last hidden state for the "
+                         f"{names[t].replace('Domain', 'domain')} probe (highest at $h_{{{int(best['layer'])}}}$)")
+        text = "Probed at every hidden state, SPECTRA's accuracy goes from " + "; from ".join(parts) + "."
+        for ref in [("base", "base model"), (main, "dense")]:
+            if ref not in models:
+                continue
+            disjoint, total = [], 0
+            for t in tasks:
+                for l in all_layers:
+                    a, b = by.get((main, "spectra", t, l)), by.get((*ref, t, l))
+                    if a and b:
+                        total += 1
+                        if a["low"] > b["high"] or a["high"] < b["low"]:
+                            disjoint.append(("above" if a["accuracy"] > b["accuracy"] else "below", names[t], l))
+            who = "the base model" if ref[0] == "base" else "the dense model"
+            if not disjoint:
+                text += (f" Against {who}, all {total} (probe, hidden state) pairs have overlapping {self._level()}\\% Wilson intervals: "
+                         "no difference this test set can resolve.")
+            else:
+                text += (f" Against {who}, {words(len(disjoint))} of {total} (probe, hidden state) pairs have disjoint {self._level()}\\% "
+                         "Wilson intervals (" + listing([f"{d} on {n} at h{l}" for d, n, l in disjoint]) + ").")
+        self.m("ProbeLayerClaim", text + " One model (seed 0) per variant: the intervals cover the test items, not the seed.")
+
+    def build_dynamics(self) -> None:
+        """\\DynamicsClaim: top-1 flip rate between the last curve points, load Kendall τ and stability, per arm."""
+        parts = []
+        for arm in ARMS:
+            rows = {r["variant"]: r for r in self.dynamics if r["arm"] == arm and finite(r.get("flip_rate_last"))}
+            if "spectra" not in rows:
+                continue
+            sp = rows["spectra"]
+            thr = sp["threshold"]
+            learned = [v for v in rows if v != "spectra" and self.A.is_learned_router(v)]
+            text = (f"In the {ARM_TEXT[arm]} arm, {fmt(100 * sp['flip_rate_last'], 1)}\\% of the routing tokens change "
+                    f"SPECTRA's top-1 expert between the last two curve points (mean over {words(int(sp['n']))} seeds; "
+                    f"Kendall $\\tau$ of the expert loads {fmt(sp['load_tau_last'], 2)})")
+            if "top2" in rows:
+                text += f", against {fmt(100 * rows['top2']['flip_rate_last'], 1)}\\% for top-2"
+            if learned:
+                low = min(learned, key=lambda v: rows[v]["flip_rate_last"])
+                text += (f"; the lowest among the other learned routers is {fmt(100 * rows[low]['flip_rate_last'], 1)}\\% "
+                         f"({name(low)})")
+            if "random_router" in rows:
+                text += (f"; the frozen random router's is {fmt(100 * rows['random_router']['flip_rate_last'], 1)}\\% "
+                         "(its flips come from the layers below it alone)")
+            n_stable = int(sp["n_stable"])
+            text += (f". SPECTRA's routing fell below the {fmt(100 * thr, 0)}\\% flip rate that counts as stable in "
+                     f"{of(n_stable, int(sp['n']))} runs")
+            stable_any = [v for v in learned if int(rows[v]["n_stable"]) > 0]
+            text += (f" (learned routers stable in at least one run: {listing([name(v) for v in stable_any])})" if stable_any
+                     else " (no learned router became stable within the run)")
+            parts.append(text + ".")
+        self.m("DynamicsClaim", " ".join(parts) + " (\\cref{fig:dynamics}.)" if parts else
+               "No routing dynamics were recorded for SPECTRA.")
+
+    def build_geometry(self) -> None:
+        """\\GeometryClaim: effective rank / condition number of SPECTRA's router Gram and of the experts' mean-output
+        similarity (seed 0, mean over MoE layers), for SPECTRA, its ablations and the baselines probed."""
+        def mean_of(arm: str, variant: str, matrix: str, col: str) -> float:
+            v = [r[col] for r in self.geometry if r["arm"] == arm and r["variant"] == variant and r["matrix"] == matrix
+                 and finite(r.get(col))]
+            return statistics.fmean(v) if v else float("nan")
+
+        arm = "scratch" if any(r["arm"] == "scratch" for r in self.geometry) else "upcycle"
+        if not finite(mean_of(arm, "spectra", "router_gram", "effective_rank")):
+            self.m("GeometryClaim", "SPECTRA's router Gram matrix was not analysed in this profile.")
+            return
+        E = self.setup.get("moe", {}).get("num_experts") if isinstance(self.setup.get("moe"), dict) else None
+        eff = lambda v, m="router_gram": mean_of(arm, v, m, "effective_rank")  # noqa: E731
+        cond = lambda v, m="router_gram": mean_of(arm, v, m, "condition_number")  # noqa: E731
+        text = (f"SPECTRA's inference router Gram $G=\\bar E\\bar E^\\top$ has effective rank {fmt(eff('spectra'), 2)}"
+                + (f" of {int(E)}" if finite(E) else "") + f" and condition number {fmt(cond('spectra'), 2)}")
+        abl = [v for v in self.A.SPECTRA_FAMILY if v != "spectra" and finite(eff(v))]
+        if abl:
+            text += " (" + listing([f"{name(v)}: {fmt(eff(v), 2)}, {fmt(cond(v), 2)}" for v in abl]) + ")"
+        outs = [v for v in ("spectra", "top2", "random_router", "hash") if finite(eff(v, "expert_outputs"))]
+        if outs:
+            text += ("; the similarity of the experts' mean outputs has effective rank "
+                     + listing([f"{fmt(eff(v, 'expert_outputs'), 2)} for {name(v)}" for v in outs]))
+        self.m("GeometryClaim", text + f" ({ARM_TEXT[arm]} arm, seed 0, mean over MoE layers; descriptive, \\cref{{fig:gram}}).")
+
     # ---------------------------------------------------------------------------------------- training cost / overhead
     def build_training(self) -> None:
         by: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -1413,9 +1724,14 @@ class Report:
         self.build_sweep()
         self.build_time()
         self.build_ablation()
+        self.build_sensitivity()
         self.build_balance()
         self.build_per_domain()
         self.build_specialisation()
+        self.build_specialisation_layers()
+        self.build_probe_layers()
+        self.build_dynamics()
+        self.build_geometry()
         self.build_training()
         self.build_overhead()
         self.build_demo()

@@ -180,6 +180,29 @@ def mean_ci(values: Sequence[float] | np.ndarray, level: float = 0.95) -> dict:
     return {"n": n, "mean": mean, "std": std, "half_width": float(half), "low": mean - half, "high": mean + half}
 
 
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (e.g. a probe's held-out accuracy, `successes` of `n`).
+
+    ``(p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)`` with ``z`` the normal quantile at (1+level)/2:
+    unlike the normal approximation it stays inside [0, 1] and is not degenerate at p̂ ∈ {0, 1}. It covers the
+    sampling of the `n` test items only (not the seed, nor the probe's training set). (nan, nan) when n = 0.
+    """
+    _check_level(level)
+    if n < 0 or successes < 0 or successes > n:
+        raise ValueError(f"wilson_interval: need 0 <= successes <= n, got successes={successes}, n={n}")
+    if n == 0:
+        return NAN, NAN
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 * (1.0 + level))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)   # exact at the edges (no rounding off 0 or 1)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
+
+
 # --------------------------------------------------------------------------------------------- 2. paired difference
 def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95) -> dict:
     """Paired comparison of variant `b` against variant `a` over the seeds both have: ``d_s = b[s] − a[s]``.

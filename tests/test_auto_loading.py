@@ -17,16 +17,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import spectra
 from spectra.upcycle import _dedup_shared
+from tiny_models import VOCAB, config, token_ids
 
-VOCAB = 128
-_IDS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
-_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-              vocab_size=VOCAB, max_position_embeddings=64, **_IDS)
-CONFIGS = {
-    "gpt2": lambda: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64, **_IDS),
-    "llama": lambda: transformers.LlamaConfig(**_SMALL),
-    "mixtral": lambda: transformers.MixtralConfig(**_SMALL, num_local_experts=4, num_experts_per_tok=2),
-}
+CONFIGS = {arch: (lambda a=arch: config(a)) for arch in ("gpt2", "llama", "mixtral")}
 
 
 def converted(arch: str, router: str = "spectra") -> torch.nn.Module:
@@ -47,8 +40,7 @@ def converted(arch: str, router: str = "spectra") -> torch.nn.Module:
     return model.eval()
 
 
-def ids(batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tensor:
-    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+ids = token_ids
 
 
 def assert_same_model(a: torch.nn.Module, b: torch.nn.Module) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from spectra import analysis as A
+from spectra import dynamics as D
 from spectra import report as R
 from spectra import stats as S
 
@@ -92,6 +93,23 @@ def _write_run(runs: Path, arm: str, variant: str, seed: int, nll: float, extra:
         {"step": s, "loss": 5.0 - 0.1 * s, "lm_loss": 4.9 - 0.1 * s, "router_loss": 0.1, "grad_norm": 1.0, "lr": 1e-3,
          "tokens": 16 * s, "load_cv": [0.1] * L if moe else [], "max_vio": [0.2] * L if moe else [],
          "entropy": [0.9] * L if moe else [], "dead_fraction": [0.0] * L if moe else []}) + "\n" for s in range(1, STEPS + 1)))
+    if moe:  # routing records as the train stage writes them: SPECTRA's top-1 follows the domain, the others don't
+        rng = np.random.default_rng(1000 * seed + len(variant))
+        doms = np.repeat(np.arange(len(DOMAINS)), 4)                               # 12 blocks, 4 per domain
+        tok_dom = np.repeat(doms, BLOCK)
+        top1 = rng.integers(0, E, size=(L, tok_dom.size))
+        if variant == "spectra":
+            top1 = np.where(rng.random(top1.shape) < 0.7, tok_dom[None, :] % E, top1)
+        if variant == "expert_choice":
+            top1 = np.zeros((0, 0), np.int64)
+        np.savez_compressed(d / "routing.npz", top1=top1.astype(np.int16), loads=np.full((L, E), 1.0 / E),
+                            block_domains=doms.astype(np.int16), block_size=BLOCK)
+        snaps = np.stack([top1, top1, top1]) if top1.size else np.zeros((0, 0, 0), np.int16)
+        if snaps.size:
+            snaps[0] = rng.integers(0, E, size=top1.shape)                          # routing settles after step 2
+        np.savez_compressed(d / "dynamics.npz", steps=np.array([2, 4, 6] if top1.size else [], np.int64),
+                            top1=snaps.astype(np.int16),
+                            loads=np.full((3, L, E), 1.0 / E) if top1.size else np.zeros((0, 0, 0)))
     timing = runs / "timing" / f"{'extra-' if extra else ''}{arm}-{variant}.json"
     timing.parent.mkdir(parents=True, exist_ok=True)
     times = json.loads(timing.read_text()) if timing.exists() else {}
@@ -188,6 +206,25 @@ def make_tree(tmp: Path) -> tuple[Path, Path]:
         results / "04_specialization_analysis" / "specialization_table.csv", index=False)
     A.write_json(results / "04_specialization_analysis" / "probe_chance.json",
                  {"domain_id": 0.34, "bbc_topic": 0.2, "mmlu_group": 0.25})
+    sp = results / "04_specialization_analysis"
+    A.specialisation_layers(trained, E, len(DOMAINS), n_boot=200).to_csv(sp / "specialization_layers.csv", index=False)
+    layer_rows = []
+    for (run, arm, variant) in [("base", "base", "base model")] + [(m["run"], m["arm"], m["variant"])
+                                                                   for m in A.first_seed_runs(scratch)]:
+        for task in ("domain_id", "bbc_topic", "mmlu_group"):
+            for h in range(L + 1):
+                acc = 0.8 if (variant == "spectra" and task == "domain_id" and h == L) else 0.5
+                low, high = S.wilson_interval(int(round(acc * 60)), 60)
+                layer_rows.append({"run": run, "arm": arm, "variant": variant, "probe": task, "layer": h,
+                                   "accuracy": acc, "low": low, "high": high, "n_test": 60})
+    pd.DataFrame(layer_rows).to_csv(sp / "probe_layers.csv", index=False)
+    _, per_run = D.dynamics_frames(trained)
+    D.dynamics_by_variant(per_run, A.LABELS).to_csv(sp / "dynamics.csv", index=False)
+    geo = []
+    for arm, variant, off in (("scratch", "spectra", 0.05), ("scratch", "no_expression", 0.4)):
+        g = np.full((E, E), off) + (1 - off) * np.eye(E)
+        geo += D.geometry_rows({"arm": arm, "variant": variant, "label": variant, "seed": 0}, "router_gram", [g] * L)
+    pd.DataFrame(geo).to_csv(sp / "gram_geometry.csv", index=False)
     (results / "stage_times.json").write_text(json.dumps({"scratch@spectra": {"seconds": 3.0}, "base": {"seconds": 1.0},
                                                           "train@spectra-s0": {"seconds": 99.0}}))
     return results, runs
@@ -595,6 +632,25 @@ def test_committed_default_paper_is_the_one_dvc_lock_records():
         pytest.skip(f"{pdf} is not committed yet: a full `make paper` writes it with paper/default/generated/ and "
                     "dvc.lock, and the three are committed together")
     assert common.lock_mismatches(ROOT / "dvc.lock", ["report", "paper"]) == []
+
+
+def test_layer_wise_claims_follow_the_routing_records_and_probes(tree, tmp_path):
+    """SPECTRA's fake routing follows the domain and the others' does not; only SPECTRA's last-layer domain probe is
+    higher; every run's routing settles after the first curve point: the generated sentences must say exactly that."""
+    results, runs = tree
+    out = tmp_path / "gen"
+    R.generate(results, runs, out)
+    mac = _macros(out)
+    assert "above the label-permutation null in two of two layers after Holm" in mac["SpecLayerClaim"]
+    table = (out / "tables" / "specialization_layers.tex").read_text()
+    spectra_row = next(line for line in table.splitlines() if line.startswith(R.TEX_LABELS["spectra"]))
+    top2_row = next(line for line in table.splitlines() if line.startswith(R.TEX_LABELS["top2"]))
+    assert "circ" not in spectra_row and top2_row.count("circ") == L   # top-2's routing is independent of the domain
+    assert "entirely below it in none of two layers and entirely above it in two of two" in mac["SpecLayerClaim"]
+    assert "one of 9 (probe, hidden state) pairs have disjoint 95" in mac["ProbeLayerClaim"]
+    assert "above on Domain at h2" in mac["ProbeLayerClaim"]
+    assert "stable in three of three runs" in mac["DynamicsClaim"]
+    assert "effective rank" in mac["GeometryClaim"] and "w/o expression projector" in mac["GeometryClaim"]
 
 
 def test_the_strongest_baseline_is_picked_on_validation_not_on_the_test_numbers(tree, tmp_path):

@@ -17,16 +17,9 @@ import spectra
 from spectra import CONTROLS, BASELINES, ROUTER_NAMES, VARIANTS, ConfigError, MoEBlock, MoEConfig
 from spectra.experts import GroupedExperts
 from spectra.train import TrainSettings, parameter_groups
+from tiny_models import SMALL as _SMALL, VOCAB, config, token_ids
 
-VOCAB = 128
-_IDS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
-_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-              vocab_size=VOCAB, max_position_embeddings=64, **_IDS)
-CONFIGS = {
-    "gpt2": lambda: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64, **_IDS),
-    "llama": lambda: transformers.LlamaConfig(**_SMALL),
-    "mistral": lambda: transformers.MistralConfig(**_SMALL),
-}
+CONFIGS = {arch: (lambda a=arch: config(a)) for arch in ("gpt2", "llama", "mistral")}
 E = 4
 SMALL = dict(num_experts=E, router_dim=8)
 
@@ -49,8 +42,7 @@ def gpt2_with_distinct_stats(seed: int = 0) -> nn.Module:
     return model
 
 
-def tokens(batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tensor:
-    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+tokens = token_ids
 
 
 def experts_of(model: nn.Module) -> list[GroupedExperts]:
@@ -293,7 +285,7 @@ def test_refusals_name_the_problem():
     # a swapped existing MoE is not an upcycled copy
     torch.manual_seed(0)
     mixtral = transformers.AutoModelForCausalLM.from_config(
-        transformers.MixtralConfig(**_SMALL, num_local_experts=4, num_experts_per_tok=2))
+        config("mixtral"))
     spectra.swap_router(mixtral, router="top2")
     with pytest.raises(ValueError, match="swap"):
         spectra.break_symmetry(mixtral, "drop")
@@ -369,7 +361,7 @@ def test_every_router_construction_path_freezes():
     assert all(p.requires_grad for p in MoEBlock(MoEConfig(hidden_size=16, num_experts=4, router_dim=4)).router.parameters())
     torch.manual_seed(0)
     mixtral = transformers.AutoModelForCausalLM.from_config(
-        transformers.MixtralConfig(**_SMALL, num_local_experts=4, num_experts_per_tok=2))
+        config("mixtral"))
     spectra.swap_router(mixtral, router="random_router", init_from_gate=True)
     params = _router_params(mixtral)
     assert params and not any(p.requires_grad for p in params)

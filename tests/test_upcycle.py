@@ -16,24 +16,10 @@ from torch import nn
 import spectra
 from spectra import MoEConfig, ROUTER_NAMES, UnsupportedModelError
 from spectra.routers import build_router
+from tiny_models import IDS as _IDS, VOCAB, config
 
-VOCAB = 128
-_IDS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
-_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=VOCAB,
-              max_position_embeddings=64, **_IDS)
-
-DENSE = {
-    "gpt2": lambda layers: transformers.GPT2Config(n_embd=32, n_layer=layers, n_head=2, vocab_size=VOCAB, n_positions=64,
-                                                   **_IDS),
-    "llama": lambda layers: transformers.LlamaConfig(**{**_SMALL, "num_hidden_layers": layers}, num_key_value_heads=1),
-    "mistral": lambda layers: transformers.MistralConfig(**{**_SMALL, "num_hidden_layers": layers}, num_key_value_heads=1),
-    "qwen2": lambda layers: transformers.Qwen2Config(**{**_SMALL, "num_hidden_layers": layers}, num_key_value_heads=1),
-    "gemma": lambda layers: transformers.GemmaConfig(**{**_SMALL, "num_hidden_layers": layers}, num_key_value_heads=1,
-                                                     head_dim=16),
-    "gpt_neox": lambda layers: transformers.GPTNeoXConfig(**{**_SMALL, "num_hidden_layers": layers}),
-    "phi": lambda layers: transformers.PhiConfig(**{**_SMALL, "num_hidden_layers": layers}),
-    "phi3": lambda layers: transformers.Phi3Config(**{**_SMALL, "num_hidden_layers": layers}, num_key_value_heads=1),
-}
+DENSE = {arch: (lambda layers, a=arch: config(a, layers))
+         for arch in ("gpt2", "llama", "mistral", "qwen2", "gemma", "gpt_neox", "phi", "phi3")}
 _MOE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB,
             max_position_embeddings=64, **_IDS)
 MOE = {
