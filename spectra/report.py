@@ -1515,10 +1515,10 @@ class Report:
                             disjoint.append(("above" if a["accuracy"] > b["accuracy"] else "below", names[t], l))
             who = "the base model" if ref[0] == "base" else "the dense model"
             if not disjoint:
-                text += (f" Against {who}, all {total} (probe, hidden state) pairs have overlapping {self._level()}\\% Wilson intervals: "
+                text += (f" Against {who}, all {words(total)} (probe, hidden state) pairs have overlapping {self._level()}\\% Wilson intervals: "
                          "no difference this test set can resolve.")
             else:
-                text += (f" Against {who}, {words(len(disjoint))} of {total} (probe, hidden state) pairs have disjoint {self._level()}\\% "
+                text += (f" Against {who}, {of(len(disjoint), total)} (probe, hidden state) pairs have disjoint {self._level()}\\% "
                          "Wilson intervals (" + listing([f"{d} on {n} at h{l}" for d, n, l in disjoint]) + ").")
         self.m("ProbeLayerClaim", text + " One model (seed 0) per variant: the intervals cover the test items, not the seed.")
 

@@ -647,7 +647,7 @@ def test_layer_wise_claims_follow_the_routing_records_and_probes(tree, tmp_path)
     top2_row = next(line for line in table.splitlines() if line.startswith(R.TEX_LABELS["top2"]))
     assert "circ" not in spectra_row and top2_row.count("circ") == L   # top-2's routing is independent of the domain
     assert "entirely below it in none of two layers and entirely above it in two of two" in mac["SpecLayerClaim"]
-    assert "one of 9 (probe, hidden state) pairs have disjoint 95" in mac["ProbeLayerClaim"]
+    assert "one of nine (probe, hidden state) pairs have disjoint 95" in mac["ProbeLayerClaim"]
     assert "above on Domain at h2" in mac["ProbeLayerClaim"]
     assert "stable in three of three runs" in mac["DynamicsClaim"]
     assert "effective rank" in mac["GeometryClaim"] and "w/o expression projector" in mac["GeometryClaim"]
