@@ -49,6 +49,9 @@ NOTEBOOKS = ("01_method_demo", "02_gpt2_training", "03_ablations", "04_specializ
 ARMS = ("scratch", "upcycle")  #: the experiment's arms (README 'Experiment'), as spectra.analysis.ARMS
 ARM_TEXT = {"scratch": "from-scratch", "upcycle": "upcycling"}
 RANK_MIN_SEEDS = 3  #: spectra.stats.comparison_table ranks a variant only with at least this many paired seeds
+#: Seed 004's marks for the expression ablation's perplexity increase: below the first, the expression representation
+#: is "not meaningful"; above the second, "meaningful".
+EXPRESSION_MARKS_PCT = (1.0, 5.0)
 
 #: (notebook, file) -> name in generated/figures. All required except where noted in OPTIONAL_FIGURES.
 FIGURES: dict[tuple[str, str], str] = {
@@ -1193,15 +1196,26 @@ class Report:
         self.num("ExprDropAPct", val(d, "a_ppl_pct"), 2)
         self.num("ExprDropBPct", val(d, "b_ppl_pct"), 2)
         text = "; ".join(parts) + "."
-        rels = [abs(val(d, k)) for k in ("a_ppl_pct", "b_ppl_pct") if finite(val(d, k))]
-        if rels:
-            if max(rels) < 1:
-                text += (" Both effects are below 1\\%, the level below which the seed notes call the expression "
-                         "representation not meaningful.")
-            elif min(rels) >= 5:
-                text += " Both effects exceed 5\\%, the level at which the seed notes call the expression meaningful."
+        low_mark, high_mark = EXPRESSION_MARKS_PCT
+        verdicts = []
+        for key in ("a", "b"):
+            pct, lo, hi = (val(d, f"{key}_ppl{s}_pct") for s in ("", "_low", "_high"))
+            if not finite(pct):
+                continue
+            if pct <= 0:  # the sign is kept: an ablation that lowers perplexity shows no contribution
+                level = "does not raise perplexity (no contribution)"
+            elif pct < low_mark:
+                level = f"raises it by less than the {fmt_g(low_mark)}\\% mark (not meaningful)"
+            elif pct < high_mark:
+                level = f"raises it by between the {fmt_g(low_mark)}\\% and {fmt_g(high_mark)}\\% marks"
             else:
-                text += " The effects lie between the seed notes' 1\\% (not meaningful) and 5\\% (meaningful) marks."
+                level = f"raises it by more than the {fmt_g(high_mark)}\\% mark (meaningful by that mark)"
+            if finite(lo) and finite(hi):
+                level += (", and its CI excludes zero" if lo > 0 or hi < 0 else
+                          ", but its CI includes zero: not distinguishable from no effect with these seeds")
+            verdicts.append(f"({key}) {level}")
+        if verdicts:
+            text += " By the seed notes' marks, " + "; ".join(verdicts) + "."
         self.m("ExpressionClaim", text)
 
     # ---------------------------------------------------------------------------------------- balance

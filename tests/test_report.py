@@ -634,6 +634,27 @@ def test_committed_default_paper_is_the_one_dvc_lock_records():
     assert common.lock_mismatches(ROOT / "dvc.lock", ["report", "paper"]) == []
 
 
+@pytest.mark.parametrize("a, b, expected", [
+    ((-0.4, -20.0, 30.0), (9.0, -2.0, 21.0),
+     ["(a) does not raise perplexity (no contribution), but its CI includes zero",
+      "(b) raises it by more than the 5\\% mark (meaningful by that mark), but its CI includes zero"]),
+    ((0.5, 0.2, 0.8), (3.0, 1.0, 5.0),
+     ["(a) raises it by less than the 1\\% mark (not meaningful), and its CI excludes zero",
+      "(b) raises it by between the 1\\% and 5\\% marks, and its CI excludes zero"]),
+])
+def test_expression_claim_judges_each_effect_with_its_sign_and_ci(tree, a, b, expected):
+    results, runs = tree
+    rep = R.Report(results, runs)
+    rep.drops = {**{f"a_ppl{s}_pct": x for s, x in zip(("", "_low", "_high"), a)},
+                 **{f"b_ppl{s}_pct": x for s, x in zip(("", "_low", "_high"), b)},
+                 "a_n": 3, "b_n": 5, "a_p": 0.5, "b_p": 0.09}
+    rep._expression_claim()
+    text = rep.macros["ExpressionClaim"]
+    for phrase in expected:
+        assert phrase in text
+    assert "lie between" not in text
+
+
 def test_layer_wise_claims_follow_the_routing_records_and_probes(tree, tmp_path):
     """SPECTRA's fake routing follows the domain and the others' does not; only SPECTRA's last-layer domain probe is
     higher; every run's routing settles after the first curve point: the generated sentences must say exactly that."""
