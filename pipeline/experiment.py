@@ -26,10 +26,10 @@ from common import (data_identity, eval_subset, file_sha256, fingerprint, is_den
 import numpy as np  # noqa: E402  (after common: it sets OMP_WAIT_POLICY)
 import torch  # noqa: E402
 
-from spectra import evaluate  # noqa: E402
 from spectra.flops import flops_per_token  # noqa: E402
-from spectra.train import TrainSettings, train  # noqa: E402
 from spectra.upcycle import break_symmetry, expression_ablation, upcycle  # noqa: E402
+from spectra_artifact import evaluate  # noqa: E402
+from spectra_artifact.train import TrainSettings, train  # noqa: E402
 
 DATA_SEED = 1000  #: data order of seed s: DATA_SEED + s (the base is pretrained with data seed 1234 on other blocks)
 ROUTER_SEED = 10_000  #: router initialisation of seed s: ROUTER_SEED + s
@@ -57,13 +57,13 @@ class Data:
 
 
 def code_hash() -> str:
-    """sha256 over the code a run executes (the library files of the training stages' DVC deps, and this file):
-    part of every run's checkpoint fingerprint."""
+    """sha256 over the code a run executes (the `spectra` and `spectra_artifact` files of the training stages' DVC
+    deps, and this file): part of every run's checkpoint fingerprint."""
     root = Path(__file__).resolve().parents[1]
-    lib = ["__init__", "config", "sinkhorn", "moe", "experts", "upcycle", "metrics", "train", "evaluate", "flops",
-           "hf_auto"]
+    lib = ["__init__", "config", "sinkhorn", "moe", "experts", "upcycle", "metrics", "flops", "hf_auto"]
+    artifact = ["train", "evaluate"]
     files = ([root / "spectra" / f"{m}.py" for m in lib] + sorted((root / "spectra" / "routers").glob("*.py"))
-             + [Path(__file__).resolve()])
+             + [root / "spectra_artifact" / f"{m}.py" for m in artifact] + [Path(__file__).resolve()])
     return fingerprint(*[(f.relative_to(root).as_posix(), file_sha256(f)) for f in files])
 
 

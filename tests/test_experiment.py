@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "pipeline"))
 
 import common  # noqa: E402
 import experiment  # noqa: E402
-from spectra.train import BlockSampler, TrainSettings  # noqa: E402
+from spectra_artifact.train import BlockSampler, TrainSettings  # noqa: E402
 from spectra.upcycle import routers_of  # noqa: E402
 
 VOCAB, BLOCK, DOMAINS = 96, 16, ["a", "b", "c"]
@@ -197,7 +197,7 @@ def test_the_router_gradient_is_clipped_apart_from_the_model(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from spectra import upcycle
-    from spectra.train import train
+    from spectra_artifact.train import train
 
     def lm_update(router_scale: float) -> float:
         torch.manual_seed(0)
