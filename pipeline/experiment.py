@@ -56,15 +56,20 @@ class Data:
         self.identity = data_identity(self.meta)
 
 
-def code_hash() -> str:
-    """sha256 over the code a run executes (the `spectra` and `spectra_artifact` files of the training stages' DVC
-    deps, and this file): part of every run's checkpoint fingerprint."""
+def code_files() -> list[Path]:
+    """The code a run executes: the `spectra` and `spectra_artifact` files that the training stages of dvc.yaml
+    list as deps (tests/test_experiment.py checks they agree), and this file."""
     root = Path(__file__).resolve().parents[1]
     lib = ["__init__", "config", "sinkhorn", "moe", "experts", "upcycle", "metrics", "flops", "hf_auto"]
     artifact = ["train", "evaluate"]
-    files = ([root / "spectra" / f"{m}.py" for m in lib] + sorted((root / "spectra" / "routers").glob("*.py"))
-             + [root / "spectra_artifact" / f"{m}.py" for m in artifact] + [Path(__file__).resolve()])
-    return fingerprint(*[(f.relative_to(root).as_posix(), file_sha256(f)) for f in files])
+    return ([root / "spectra" / f"{m}.py" for m in lib] + sorted((root / "spectra" / "routers").glob("*.py"))
+            + [root / "spectra_artifact" / f"{m}.py" for m in artifact] + [Path(__file__).resolve()])
+
+
+def code_hash() -> str:
+    """sha256 over `code_files` (paths relative to the repository root): part of every run's checkpoint fingerprint."""
+    root = Path(__file__).resolve().parents[1]
+    return fingerprint(*[(f.relative_to(root).as_posix(), file_sha256(f)) for f in code_files()])
 
 
 def curve_steps(steps: int, points: int) -> list[int]:
