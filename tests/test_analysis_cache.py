@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from spectra.upcycle import expression_ablation, routed_modules, step_routers, upcycle
 from spectra_artifact import analysis as A
 from spectra_artifact import evaluate as E
-from spectra.upcycle import expression_ablation, routed_modules, step_routers, upcycle
 
 V, T = 50, 8
 

@@ -95,3 +95,14 @@ def test_the_wheel_holds_the_library_only():
     library = {".".join(p.parent.relative_to(ROOT).parts) for p in LIBRARY.rglob("__init__.py")}
     assert packages == library, f"pyproject's package discovery finds {sorted(packages)}, not the library {library}"
     assert (ROOT / ARTIFACT / "__init__.py").is_file()  # the artifact exists, and the discovery leaves it out
+
+
+def test_the_readme_layout_table_names_every_module_of_both_packages():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Repository layout"):]
+    named = set(re.findall(r"`((?:spectra|spectra_artifact)/[\w/]*(?:\.py)?)`", section))
+    modules = {p.relative_to(ROOT).as_posix() for p in [*LIBRARY.glob("*.py"), *(ROOT / ARTIFACT).glob("*.py")]
+               if p.name != "__init__.py" or p.parent == LIBRARY}
+    missing = sorted(m for m in modules if m not in named)
+    assert missing == [], f"README 'Repository layout' does not list {missing}"
+    assert "spectra/routers/" in named and all((ROOT / n).exists() for n in named), sorted(named)

@@ -16,8 +16,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import spectra
 from spectra import MoEBlock, MoEConfig
 from spectra.routers import RoutingCall, build_router
-from spectra_artifact.train import TrainSettings, load_checkpoint, train
 from spectra.upcycle import upcycle
+from spectra_artifact.train import TrainSettings, load_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from spectra_artifact import analysis as A
 from spectra import metrics
+from spectra_artifact import analysis as A
 from spectra_artifact import stats as S
 
 E, D, BLOCKS_PER_DOMAIN, T, L = 4, 3, 8, 16, 2
