@@ -74,7 +74,8 @@ POWER_GOAL = 5.0
 MDE_GOAL_PPL_PCT = 0.5
 ALPHA = 0.05  #: family-wise error rate of every Holm family (CIs at 1 - ALPHA)
 MDE_POWER = 0.8  #: the power at which the minimum detectable effect is computed
-RANK_MIN_SEEDS = 3  #: a variant is placed in a ranking only with at least this many (paired) seeds (spectra_artifact.stats)
+#: a variant is placed in a ranking only with at least this many (paired) seeds (spectra_artifact.stats)
+RANK_MIN_SEEDS = 3
 
 
 def group_of(variant: str) -> str:
@@ -347,8 +348,8 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
 
 
 def seed_losses(runs: Sequence[dict[str, Any]], split: str = "test") -> tuple[dict[str, dict[int, float]], list[str]]:
-    """``({variant: {seed: held-out NLL of split}}, diverged runs)``: what `spectra_artifact.stats` compares. A run whose loss is
-    not finite (diverged) is left out and named in the second list, so the statistics never see a nan."""
+    """``({variant: {seed: held-out NLL of split}}, diverged runs)``: what `spectra_artifact.stats` compares. A run
+    whose loss is not finite (diverged) is left out and named in the second list, so the statistics never see a nan."""
     out: dict[str, dict[int, float]] = {}
     diverged = []
     for m in runs:
@@ -636,7 +637,8 @@ def per_domain_table(frame):
 
 
 def expression_drops(runs: Sequence[dict[str, Any]], arm: str = "scratch", alpha: float = ALPHA) -> dict[str, Any]:
-    """The two expression-ablation drops of the method page §5 in `arm`, both paired by seed (`spectra_artifact.stats`):
+    """The two expression-ablation drops of the method page §5 in `arm`, both paired by seed
+    (`spectra_artifact.stats`):
 
     (a) ``no_expression − spectra``: two trained models, per-seed test NLL difference (`paired_difference`);
     (b) ``spectra with batch-mean expression − spectra``: the same trained model evaluated twice (metrics.json
@@ -696,8 +698,8 @@ def block_features(model: nn.Module, blocks: np.ndarray, batch_size: int | None 
 
 
 def text_features(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int, layer: int = -1) -> np.ndarray:
-    """`spectra_artifact.evaluate.hidden_features` (mean-pooled hidden state `layer`: 0 the embeddings, -1 the last) with a
-    pad token set (our BPE tokenizers have none)."""
+    """`spectra_artifact.evaluate.hidden_features` (mean-pooled hidden state `layer`: 0 the embeddings, -1 the last)
+    with a pad token set (our BPE tokenizers have none)."""
     from .evaluate import hidden_features
 
     if tokenizer.pad_token is None:

@@ -29,7 +29,8 @@ CLI (used by the DVC stages)::
     python -m spectra_artifact.data corpus    --out data/corpus [--max-bytes-per-domain 4M] [--seed 0]
     python -m spectra_artifact.data probes    --out data/probes
     python -m spectra_artifact.data tokenizer --corpus data/corpus --vocab-size 8192 --out data/tokenizer
-    python -m spectra_artifact.data tokenize  --corpus data/corpus --tokenizer data/tokenizer --out data/tokens --block-size 512
+    python -m spectra_artifact.data tokenize  --corpus data/corpus --tokenizer data/tokenizer --out data/tokens \
+                                              --block-size 512
     python -m spectra_artifact.data gpt2-tokenizer --out data/models/gpt2-tokenizer
     python -m spectra_artifact.data smollm2   --out data/models/smollm2-135m-instruct
 """
@@ -597,9 +598,11 @@ def tokenize_corpus(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
     corpus_dir, tokenizer_dir, out = Path(corpus_dir), Path(tokenizer_dir), Path(out_dir)
     if not tokenizer_dir.is_dir():
         raise FileNotFoundError(
-            f"tokenizer folder {tokenizer_dir} does not exist. Build it first: `python -m spectra_artifact.data tokenizer ...`, "
-            f"`python -m spectra_artifact.data gpt2-tokenizer --out {tokenizer_dir}` or `python -m spectra_artifact.data smollm2 "
-            f"--out {tokenizer_dir}` (or pass --tokenizer gpt2 / smollm2 for the default locations)")
+            f"tokenizer folder {tokenizer_dir} does not exist. Build it first: "
+            f"`python -m spectra_artifact.data tokenizer ...`, "
+            f"`python -m spectra_artifact.data gpt2-tokenizer --out {tokenizer_dir}` or "
+            f"`python -m spectra_artifact.data smollm2 --out {tokenizer_dir}` "
+            f"(or pass --tokenizer gpt2 / smollm2 for the default locations)")
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
     tok = _load_tokenizer(tokenizer_dir)

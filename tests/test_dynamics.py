@@ -1,4 +1,5 @@
-"""spectra_artifact.dynamics — routing dynamics (flip rate, Kendall τ, stability step), Gram geometry, layer balance."""
+"""spectra_artifact.dynamics — routing dynamics (flip rate, Kendall τ, stability step), Gram geometry, layer
+balance."""
 
 from __future__ import annotations
 

@@ -232,7 +232,8 @@ def test_code_hash_covers_exactly_the_code_deps_of_the_training_stages():
         for dep in deps:
             if dep.split("/")[0] in ("spectra", "spectra_artifact"):
                 path = ROOT / dep
-                code |= {f.relative_to(ROOT).as_posix() for f in (sorted(path.glob("*.py")) if path.is_dir() else [path])}
+                files = sorted(path.glob("*.py")) if path.is_dir() else [path]
+                code |= {f.relative_to(ROOT).as_posix() for f in files}
         assert code == hashed, f"dvc.yaml stage {name!r}: code deps {sorted(code ^ hashed)} differ from code_files()"
         checked.append(name)
     assert {"base", "scratch", "upcycle", "extra_scratch", "extra_upcycle", "sensitivity"} <= set(checked), checked

@@ -1,5 +1,6 @@
-"""spectra_artifact.report on a fake results/runs tree in the experiment's layout, the comparison helpers of spectra_artifact.analysis
-behind it, the typed-number rule of paper/main.tex, and the hygiene of the committed notebooks.
+"""spectra_artifact.report on a fake results/runs tree in the experiment's layout, the comparison helpers of
+spectra_artifact.analysis behind it, the typed-number rule of paper/main.tex, and the hygiene of the committed
+notebooks.
 
 The fake tree has both arms (README 'Experiment'): runs/<profile>/<arm>/<variant>/s<seed>/ with paired seeds (a shared
 per-seed offset in every variant's loss, so paired differences are sharp), SPECTRA with three seeds, top-2 brought to
