@@ -152,8 +152,8 @@ def main(argv=None) -> dict:
     p = parser(__doc__.split("\n")[0])
     args = p.parse_args(argv)
     setup(args.threads, args.malloc)
-    from spectra import analysis as A
-    from spectra import evaluate as E
+    from spectra_artifact import analysis as A
+    from spectra_artifact import evaluate as E
 
     size = QUICK if args.quick else DEFAULT
     sets, tok = texts_and_tokenizer(size)

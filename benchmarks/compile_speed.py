@@ -6,7 +6,7 @@ weights are built, one called eagerly and one through ``torch.compile(model)`` (
 
 * training step: forward with labels, backward, AdamW step, `step_routers` (as `training_throughput.py`);
 * evaluation: a forward under ``torch.inference_mode`` of a batch of held-out-sized blocks (64 x 128
-  tokens), logits only (what `spectra.evaluate.perplexity` does per batch).
+  tokens), logits only (what `spectra_artifact.evaluate.perplexity` does per batch).
 
 ``--scope model`` compiles the whole model (one ``torch.compile`` of its forward); ``--scope attention``
 compiles only the non-MLP children of every decoder layer (attention and norms, ``module.compile()``),
@@ -19,7 +19,7 @@ Correctness first: the compiled copy must give the eager loss (training) and log
 separately: the pipeline trains each run in its own process for 60 steps, so a compiled step only pays
 off when ``steps x (eager - compiled) > compile time``. Ratios compiled / eager are medians over
 interleaved repetitions (< 1: compiled is faster). No goal; the measurement chooses the default of
-``spectra.train``'s compile option.
+``spectra_artifact.train``'s compile option.
 
 Measured (2026-12, torch 2.13, the shared 2-core machine under load, medians of 5 interleaved repetitions):
 

@@ -10,6 +10,11 @@ held-out blocks — ḡ on and off — and prints per-layer load CV, MaxVio and 
 
 from __future__ import annotations
 
+try:
+    import common  # noqa: F401  (puts the repository root, hence spectra_artifact, on sys.path)
+except ImportError:  # imported as benchmarks.inference_balance
+    import benchmarks.common  # noqa: F401
+
 import argparse
 import json
 from pathlib import Path
@@ -18,7 +23,8 @@ import numpy as np
 import torch
 
 import spectra
-from spectra import evaluate, metrics
+from spectra import metrics
+from spectra_artifact import evaluate
 
 
 def held_out(tokens: Path, split: str, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:

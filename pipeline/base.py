@@ -16,8 +16,8 @@ from common import (data_identity, eval_subset, fingerprint, load_params, paths,
                     stage_args, timed_stage, write_json)
 import numpy as np  # noqa: E402  (after common: it sets OMP_WAIT_POLICY)
 import torch  # noqa: E402
-from spectra import evaluate  # noqa: E402
-from spectra.train import TrainSettings, train
+from spectra_artifact import evaluate  # noqa: E402
+from spectra_artifact.train import TrainSettings, train
 
 
 def build_base(params: dict, meta: dict):
@@ -32,7 +32,7 @@ def build_base(params: dict, meta: dict):
         torch.manual_seed(0)
         return GPT2LMHeadModel(cfg), True
     if base["source"] == "smollm2":
-        from spectra import resources
+        from spectra_artifact import resources
         return AutoModelForCausalLM.from_pretrained(resources.smollm2_dir(), dtype=torch.float32), False
     if base["source"] == "hub":
         try:

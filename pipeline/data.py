@@ -1,4 +1,4 @@
-"""DVC data stages of a profile: corpus, probes, tokenizer, tokenize (wrapping spectra.data).
+"""DVC data stages of a profile: corpus, probes, tokenizer, tokenize (wrapping spectra_artifact.data).
 
     python pipeline/data.py <profile> corpus|probes|tokenizer|tokenize
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 
 from common import load_params, paths, profile, stage_args, timed_stage
-from spectra import data, resources
+from spectra_artifact import data, resources
 
 
 def main(profile_name: str, step: str) -> None:

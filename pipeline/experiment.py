@@ -26,10 +26,10 @@ from common import (data_identity, eval_subset, file_sha256, fingerprint, is_den
 import numpy as np  # noqa: E402  (after common: it sets OMP_WAIT_POLICY)
 import torch  # noqa: E402
 
-from spectra import evaluate  # noqa: E402
 from spectra.flops import flops_per_token  # noqa: E402
-from spectra.train import TrainSettings, train  # noqa: E402
 from spectra.upcycle import break_symmetry, expression_ablation, upcycle  # noqa: E402
+from spectra_artifact import evaluate  # noqa: E402
+from spectra_artifact.train import TrainSettings, train  # noqa: E402
 
 DATA_SEED = 1000  #: data order of seed s: DATA_SEED + s (the base is pretrained with data seed 1234 on other blocks)
 ROUTER_SEED = 10_000  #: router initialisation of seed s: ROUTER_SEED + s
@@ -56,15 +56,20 @@ class Data:
         self.identity = data_identity(self.meta)
 
 
-def code_hash() -> str:
-    """sha256 over the code a run executes (the library files of the training stages' DVC deps, and this file):
-    part of every run's checkpoint fingerprint."""
+def code_files() -> list[Path]:
+    """The code a run executes: the `spectra` and `spectra_artifact` files that the training stages of dvc.yaml
+    list as deps (tests/test_experiment.py checks they agree), and this file."""
     root = Path(__file__).resolve().parents[1]
-    lib = ["__init__", "config", "sinkhorn", "moe", "experts", "upcycle", "metrics", "train", "evaluate", "flops",
-           "hf_auto"]
-    files = ([root / "spectra" / f"{m}.py" for m in lib] + sorted((root / "spectra" / "routers").glob("*.py"))
-             + [Path(__file__).resolve()])
-    return fingerprint(*[(f.relative_to(root).as_posix(), file_sha256(f)) for f in files])
+    lib = ["__init__", "config", "sinkhorn", "moe", "experts", "upcycle", "metrics", "flops", "hf_auto"]
+    artifact = ["train", "evaluate"]
+    return ([root / "spectra" / f"{m}.py" for m in lib] + sorted((root / "spectra" / "routers").glob("*.py"))
+            + [root / "spectra_artifact" / f"{m}.py" for m in artifact] + [Path(__file__).resolve()])
+
+
+def code_hash() -> str:
+    """sha256 over `code_files` (paths relative to the repository root): part of every run's checkpoint fingerprint."""
+    root = Path(__file__).resolve().parents[1]
+    return fingerprint(*[(f.relative_to(root).as_posix(), file_sha256(f)) for f in code_files()])
 
 
 def curve_steps(steps: int, points: int) -> list[int]:

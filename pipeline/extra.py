@@ -3,9 +3,9 @@ baseline, so that SPECTRA and it both have `focus_seeds` seeds (README 'Experime
 
 The strongest baseline is the causal MoE baseline (not dense, not the routing control, not expert choice, which
 looks at future tokens) with the lowest mean final *validation* loss over its first `seeds` seeds — the rule
-`spectra.analysis.comparison` uses to name the strongest baseline of a table — chosen on validation, so the test numbers of the
-tables are not used to pick what they compare. Writes runs/<profile>/extra/<arm>/<variant>/s<seed>/ and
-runs/<profile>/extra/<arm>/choice.json.
+`spectra_artifact.analysis.comparison` uses to name the strongest baseline of a table — chosen on validation, so
+the test numbers of the tables are not used to pick what they compare. Writes
+runs/<profile>/extra/<arm>/<variant>/s<seed>/ and runs/<profile>/extra/<arm>/choice.json.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from train_group import upcycle_choice
 
 from spectra.config import BASELINES, CONTROLS  # noqa: E402
 
-NON_CAUSAL = ("expert_choice",)  #: routers that see future tokens: never "the strongest baseline" (spectra.analysis)
+#: routers that see future tokens: never "the strongest baseline" (spectra_artifact.analysis)
+NON_CAUSAL = ("expert_choice",)
 
 
 def strongest_baseline(params: dict, arm: str) -> tuple[str | None, dict[str, float]]:

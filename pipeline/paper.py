@@ -1,7 +1,7 @@
 """DVC stages `report` and `paper` of a profile: the paper of that profile in paper/<profile>/.
 
-    python pipeline/paper.py <profile> report   # spectra.report -> paper/<profile>/generated/ (tables, figures,
-                                                #   numbers.tex)
+    python pipeline/paper.py <profile> report   # spectra_artifact.report -> paper/<profile>/generated/
+                                                #   (tables, figures, numbers.tex)
     python pipeline/paper.py <profile> pdf      # paper/main.tex -> paper/<profile>/spectra.pdf
 
 paper/main.tex is the one hand-written source of every profile's paper. It inputs ``generated/...`` relative to
@@ -15,7 +15,7 @@ import os
 import subprocess
 
 from common import ROOT, load_params, paths, stage_args, timed_stage
-from spectra import report
+from spectra_artifact import report
 
 LATEXMK = ["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "-jobname=spectra"]
 

@@ -102,8 +102,8 @@ def dvc_command(profile: str, command: str, args: list[str]) -> list[str]:
 def fetch_packages(env: dict[str, str]) -> float:
     t0 = time.perf_counter()
     packages = paths({"profile": DEFAULT})["packages"]
-    subprocess.run([sys.executable, "-m", "spectra.data", "--cache", str(packages), "fetch"], cwd=ROOT, env=env,
-                   check=True)
+    subprocess.run([sys.executable, "-m", "spectra_artifact.data", "--cache", str(packages), "fetch"], cwd=ROOT,
+                   env=env, check=True)
     return time.perf_counter() - t0
 
 

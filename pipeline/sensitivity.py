@@ -47,7 +47,7 @@ from experiment import Data, run
 
 from spectra.config import ConfigError, MoEConfig  # noqa: E402
 from spectra.routers import ROUTERS  # noqa: E402
-from spectra.train import TrainSettings  # noqa: E402
+from spectra_artifact.train import TrainSettings  # noqa: E402
 
 ARM = "scratch"  #: the from-scratch arm: no base model, so no upcycling choice confounds the factors
 VARIANT = FOCUS  #: SPECTRA's own configuration is the centre of the grid

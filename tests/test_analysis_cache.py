@@ -1,4 +1,4 @@
-"""`spectra.evaluate.block_forward`: the analyses that share one forward per block give what separate
+"""`spectra_artifact.evaluate.block_forward`: the analyses that share one forward per block give what separate
 plain forwards give, reuse it only while it is valid, and keep the depth order of MoE layers."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from spectra import analysis as A
-from spectra import evaluate as E
 from spectra.upcycle import expression_ablation, routed_modules, step_routers, upcycle
+from spectra_artifact import analysis as A
+from spectra_artifact import evaluate as E
 
 V, T = 50, 8
 

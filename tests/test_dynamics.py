@@ -1,4 +1,5 @@
-"""spectra.dynamics — routing dynamics (flip rate, Kendall τ, stability step), Gram geometry, layer balance."""
+"""spectra_artifact.dynamics — routing dynamics (flip rate, Kendall τ, stability step), Gram geometry, layer
+balance."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from spectra import dynamics as D
+from spectra_artifact import dynamics as D
 
 try:
     from scipy import stats as sps

@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT / "pipeline"))
 
 import common  # noqa: E402
 import experiment  # noqa: E402
-from spectra.train import BlockSampler, TrainSettings  # noqa: E402
 from spectra.upcycle import routers_of  # noqa: E402
+from spectra_artifact.train import BlockSampler, TrainSettings  # noqa: E402
 
 VOCAB, BLOCK, DOMAINS = 96, 16, ["a", "b", "c"]
 
@@ -197,7 +197,7 @@ def test_the_router_gradient_is_clipped_apart_from_the_model(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from spectra import upcycle
-    from spectra.train import train
+    from spectra_artifact.train import train
 
     def lm_update(router_scale: float) -> float:
         torch.manual_seed(0)
@@ -213,3 +213,27 @@ def test_the_router_gradient_is_clipped_apart_from_the_model(tmp_path):
         return float((model.transformer.wte.weight.detach() - before).abs().sum())
 
     assert lm_update(1e6) == pytest.approx(lm_update(1.0), rel=1e-6)
+
+
+def test_code_hash_covers_exactly_the_code_deps_of_the_training_stages():
+    """Every stage that trains (it lists the library's files by path) depends on the files `code_hash` hashes, and
+    on no other file of `spectra/` or `spectra_artifact/`: a change DVC reruns a stage for also changes the runs'
+    checkpoint fingerprint, so a resumed run never continues a checkpoint of other code."""
+    hashed = {f.relative_to(ROOT).as_posix() for f in experiment.code_files()} - {"pipeline/experiment.py"}
+    assert {"spectra/moe.py", "spectra_artifact/train.py", "spectra_artifact/evaluate.py"} <= hashed
+    assert all((ROOT / f).is_file() for f in hashed)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    checked = []
+    for name, stage in stages.items():
+        deps = stage.get("do", stage)["deps"]
+        if "spectra/moe.py" not in deps:
+            continue
+        code = set()
+        for dep in deps:
+            if dep.split("/")[0] in ("spectra", "spectra_artifact"):
+                path = ROOT / dep
+                files = sorted(path.glob("*.py")) if path.is_dir() else [path]
+                code |= {f.relative_to(ROOT).as_posix() for f in files}
+        assert code == hashed, f"dvc.yaml stage {name!r}: code deps {sorted(code ^ hashed)} differ from code_files()"
+        checked.append(name)
+    assert {"base", "scratch", "upcycle", "extra_scratch", "extra_upcycle", "sensitivity"} <= set(checked), checked

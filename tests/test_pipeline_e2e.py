@@ -69,7 +69,7 @@ def _copy_repo(dest: Path, profile: str | None = None) -> tuple[Path, dict]:
            "SPECTRA_NO_PROGRESS": "1", "MPLBACKEND": "Agg", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(dest)}
     _run("git init -q && git add -A && git -c user.email=ci@x -c user.name=ci commit -qm snapshot", dest, env)
     if profile not in (None, common.DEFAULT):
-        _run(f"{sys.executable} -m spectra.data --cache data/packages fetch", dest, env)
+        _run(f"{sys.executable} -m spectra_artifact.data --cache data/packages fetch", dest, env)
     return dest, env
 
 
@@ -119,7 +119,7 @@ def test_no_undefined_references_or_missing_numbers(tiny):
 
 @pytest.mark.slow
 def test_every_table_has_a_row_for_every_variant(tiny):
-    from spectra.report import TEX_LABELS
+    from spectra_artifact.report import TEX_LABELS
 
     params = yaml.safe_load((tiny.dest / "params.yaml").read_text())
     variants = params["profiles"]["tiny"]["enabled"]["scratch"]

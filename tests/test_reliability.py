@@ -16,8 +16,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import spectra
 from spectra import MoEBlock, MoEConfig
 from spectra.routers import RoutingCall, build_router
-from spectra.train import TrainSettings, load_checkpoint, train
 from spectra.upcycle import upcycle
+from spectra_artifact.train import TrainSettings, load_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_same_seed_twice_gives_byte_identical_logs(tmp_path):
 
 def test_data_order_depends_only_on_data_seed():
     """Variants and model seeds share one data order; only `data_seed` changes it."""
-    from spectra.train import BlockSampler
+    from spectra_artifact.train import BlockSampler
     s0, s1 = BlockSampler(_blocks(), 4, 1234), BlockSampler(_blocks(), 4, 1234)
     assert torch.equal(s0.batch(5, 0, 1), s1.batch(5, 0, 1))
     assert not torch.equal(s0.batch(5, 0, 1), BlockSampler(_blocks(), 4, 99).batch(5, 0, 1))

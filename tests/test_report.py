@@ -1,11 +1,12 @@
-"""spectra.report on a fake results/runs tree in the experiment's layout, the comparison helpers of spectra.analysis
-behind it, the typed-number rule of paper/main.tex, and the hygiene of the committed notebooks.
+"""spectra_artifact.report on a fake results/runs tree in the experiment's layout, the comparison helpers of
+spectra_artifact.analysis behind it, the typed-number rule of paper/main.tex, and the hygiene of the committed
+notebooks.
 
 The fake tree has both arms (README 'Experiment'): runs/<profile>/<arm>/<variant>/s<seed>/ with paired seeds (a shared
 per-seed offset in every variant's loss, so paired differences are sharp), SPECTRA with three seeds, top-2 brought to
 three by the extra-seed folder runs/<profile>/extra/<arm>/top2/s2/, the other variants with two, a variant "not run in
 this profile" (status.json only) and a routing control. The notebook result files are produced with the same
-`spectra.analysis` functions the notebooks call, so the test exercises analysis -> report end to end without
+`spectra_artifact.analysis` functions the notebooks call, so the test exercises analysis -> report end to end without
 training anything.
 """
 
@@ -21,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spectra import analysis as A
-from spectra import dynamics as D
-from spectra import report as R
-from spectra import stats as S
+from spectra_artifact import analysis as A
+from spectra_artifact import dynamics as D
+from spectra_artifact import report as R
+from spectra_artifact import stats as S
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ["literature", "news", "code"]
@@ -244,7 +245,7 @@ def _rows(table: str) -> dict[str, list[str]]:
     return {line.split(" & ")[0]: line.rstrip(" \\").split(" & ") for line in table.splitlines() if " & " in line}
 
 
-# ------------------------------------------------------------------------------------------ spectra.analysis
+# ------------------------------------------------------------------------------------------ spectra_artifact.analysis
 def test_comparison_pairs_seeds_and_picks_the_strongest_ranked_causal_baseline(tmp_path):
     runs_dir = tmp_path / "runs"
     write_runs(runs_dir)
@@ -311,7 +312,7 @@ def test_time_to_threshold_uses_the_dense_final_curve_loss(tmp_path):
     assert ttt.loc[("scratch", "expert_choice"), "reached"] == 2 and ttt.loc[("scratch", "expert_choice"), "steps_mean"] < STEPS
 
 
-# ------------------------------------------------------------------------------------------ spectra.report
+# ------------------------------------------------------------------------------------------ spectra_artifact.report
 def test_report_writes_every_table_with_a_row_per_variant(tree, tmp_path):
     results, runs = tree
     out = tmp_path / "paper" / "generated"
@@ -589,7 +590,7 @@ def test_notebook_writes_what_the_report_reads(nb):
 def test_notebook_calls_only_existing_analysis_functions(path):
     names = set(re.findall(r"\bA\.([A-Za-z_]\w*)", _code(path)))
     missing = sorted(n for n in names if not hasattr(A, n))
-    assert missing == [], f"{path.name} calls spectra.analysis.{missing}, which does not exist"
+    assert missing == [], f"{path.name} calls spectra_artifact.analysis.{missing}, which does not exist"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

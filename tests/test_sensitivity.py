@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import sensitivity as S  # noqa: E402
 
-from spectra import report as R  # noqa: E402
+from spectra_artifact import report as R  # noqa: E402
 
 GRID = {"repulsion_weight": [0.0, 0.5, 1.0], "sinkhorn_iters": [1, 3], "capacity_factor": [1.0, "dropless"]}
 

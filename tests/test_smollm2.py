@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import spectra
-from spectra import resources
+from spectra_artifact import resources
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """Issue 12, items 5 and 6: expert–domain specialisation per layer with block-bootstrap CIs and a permutation null
-(`spectra.analysis.specialisation_bootstrap`), linear probes at every hidden state with Wilson intervals
-(`spectra.analysis.layer_probes`, `spectra.stats.wilson_interval`)."""
+(`spectra_artifact.analysis.specialisation_bootstrap`), linear probes at every hidden state with Wilson intervals
+(`spectra_artifact.analysis.layer_probes`, `spectra_artifact.stats.wilson_interval`)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from spectra import analysis as A
 from spectra import metrics
-from spectra import stats as S
+from spectra_artifact import analysis as A
+from spectra_artifact import stats as S
 
 E, D, BLOCKS_PER_DOMAIN, T, L = 4, 3, 8, 16, 2
 

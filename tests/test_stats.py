@@ -1,4 +1,4 @@
-"""spectra.stats — CIs, paired tests, Holm, MDE, power figure, time-to-threshold, comparison table."""
+"""spectra_artifact.stats — CIs, paired tests, Holm, MDE, power figure, time-to-threshold, comparison table."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from spectra import stats
-from spectra.stats import (
+from spectra_artifact import stats
+from spectra_artifact.stats import (
     comparison_table, experiment_power, holm, mde_ppl_pct, mean_ci, minimum_detectable_effect, paired_difference,
     time_to_threshold,
 )
@@ -332,7 +332,7 @@ def test_comparison_table_edge_cases():
 
 
 def test_the_holm_mde_is_larger_than_the_plain_one_and_uses_alpha_over_m():
-    from spectra import stats
+    from spectra_artifact import stats
 
     rng = np.random.default_rng(1)
     seeds = range(5)

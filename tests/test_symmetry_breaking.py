@@ -16,7 +16,7 @@ from torch import nn
 import spectra
 from spectra import CONTROLS, BASELINES, ROUTER_NAMES, VARIANTS, ConfigError, MoEBlock, MoEConfig
 from spectra.experts import GroupedExperts
-from spectra.train import TrainSettings, parameter_groups
+from spectra_artifact.train import TrainSettings, parameter_groups
 from tiny_models import SMALL as _SMALL, VOCAB, config, token_ids
 
 CONFIGS = {arch: (lambda a=arch: config(a)) for arch in ("gpt2", "llama", "mistral")}

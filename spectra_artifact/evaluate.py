@@ -5,7 +5,7 @@ Every analysis of token blocks goes through `block_forward`: one eval-mode forwa
 ``torch.inference_mode`` in large batches, whose per-block results — the summed next-token NLL, the
 mean of every hidden state, each MoE layer's eval-mode top-k, the MLP inputs — are kept per model and
 reused by the next analysis of the same blocks (`perplexity` and `collect_routing` in the train stage;
-`spectra.analysis.block_features`, `capture_mlp_inputs` and `expert_outputs` in notebook 04). The cache
+`spectra_artifact.analysis.block_features`, `capture_mlp_inputs` and `expert_outputs` in notebook 04). The cache
 is exact: it is keyed by the block's tokens and by the model's parameters and buffers (storage and
 in-place version counter, so a training step or a reload invalidates it), and it is bypassed when a
 block's result depends on the other blocks of its batch (a non-causal router such as expert choice,
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import metrics
+from spectra import metrics
 
 #: Default size of the evaluation forwards: tokens per forward, and the most memory the fp32 logits of
 #: one forward may take when every position's logits are needed (perplexity). Measured on the 2-core
@@ -59,7 +59,7 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKey
 def _model_state(model: nn.Module) -> tuple | None:
     """What the model computes, as a hashable key (parameter and buffer storage + version counters), or
     None when per-block results must not be cached (a block's result depends on its batch)."""
-    from .upcycle import routers_of
+    from spectra.upcycle import routers_of
 
     routers = routers_of(model)
     if any(not r.causal or r.ctx.expression_override for r in routers):
@@ -89,7 +89,7 @@ def clear_cache(model: nn.Module | None = None) -> None:
 
 def mlp_modules(model: nn.Module) -> list[nn.Module]:
     """The MLP (or upcycled MoE) module of every decoder layer, in depth order."""
-    from .upcycle import find_decoder_layers, find_mlp
+    from spectra.upcycle import find_decoder_layers, find_mlp
 
     _, stack = find_decoder_layers(model, "mlp")
     out = []
@@ -237,7 +237,7 @@ def collect_routing(model: nn.Module, blocks: np.ndarray, batch_size: int | None
     set, loads; and (if `train_mode_too`) the train-mode top-k of the same tokens for the train/eval
     agreement. The eval-mode pass reuses `block_forward`'s cached forwards (e.g. of `perplexity` on a
     superset of the blocks); the train-mode pass records no routing state (not an optimizer step)."""
-    from .upcycle import routers_of
+    from spectra.upcycle import routers_of
 
     if not routers_of(model):
         return {}
@@ -311,8 +311,8 @@ def routing_summary(routing: dict[str, Any], block_domains: np.ndarray, block_si
 def router_geometry(model: nn.Module) -> dict[str, Any]:
     """Gram orthogonality (both forms, from the inference EMA of Ē) and projector orthogonality of
     SPECTRA routers; empty for routers without them."""
-    from .routers import SpectraRouter
-    from .upcycle import routers_of
+    from spectra.routers import SpectraRouter
+    from spectra.upcycle import routers_of
 
     out: dict[str, Any] = {}
     for r in routers_of(model):
@@ -337,7 +337,7 @@ def hidden_features(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_
     by length (less padding; each text's features do not depend on its batch-mates in a causal model,
     so the order is restored afterwards — kept as given for non-causal routers), logits of the last
     position only."""
-    from .upcycle import routers_of
+    from spectra.upcycle import routers_of
 
     texts = list(texts)
     if not texts:
@@ -372,7 +372,7 @@ def _pad(seqs: list[list[int]], tokenizer: Any) -> tuple[torch.Tensor, torch.Ten
     on its padding side (what ``tokenizer(..., padding=True)`` gives)."""
     if tokenizer.pad_token_id is None:
         raise ValueError("hidden_features needs a tokenizer with a pad token (set tokenizer.pad_token, e.g. to "
-                         "tokenizer.eos_token; spectra.analysis.text_features does).")
+                         "tokenizer.eos_token; spectra_artifact.analysis.text_features does).")
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), int(tokenizer.pad_token_id), dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)

@@ -14,11 +14,11 @@ builder that the notebook calls:
   space). For a PSD matrix: `spectrum`, `condition_number`, `effective_rank` = exp(H(λ/Σλ)), `log_det`. Applied
   to SPECTRA's router Gram ``G = Ē Ēᵀ`` (docs/spectra-method.md §1.4: Ē the row-normalised mean expression per
   expert, its per-layer EMA at inference — `router_grams`) and to the cosine-similarity matrix of the experts'
-  mean outputs (`output_similarity`, from `spectra.analysis.expert_outputs`).
+  mean outputs (`output_similarity`, from `spectra_artifact.analysis.expert_outputs`).
 * **Layer-wise balance** (seed 004 §2 "Layer-wise Load Balancing"): the three metrics `spectra.metrics.
   layer_utilisation` defines, judged against the seed note's marks (`LAYER_BALANCE_TARGETS`).
 
-Inputs are the pipeline's run records (`spectra.analysis.load_runs`); tables are pandas DataFrames.
+Inputs are the pipeline's run records (`spectra_artifact.analysis.load_runs`); tables are pandas DataFrames.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def run_dynamics(dyn: dict[str, np.ndarray], threshold: float = STABILITY_THRESH
 
 
 def dynamics_frames(runs: Sequence[dict[str, Any]], threshold: float = STABILITY_THRESHOLD):
-    """``(curve, per_run)`` DataFrames of every MoE run in `runs` (records of `spectra.analysis.load_runs`;
+    """``(curve, per_run)`` DataFrames of every MoE run in `runs` (records of `spectra_artifact.analysis.load_runs`;
     dense runs, which have no dynamics.npz, are skipped).
 
     * curve: one row per (run, transition): arm, variant, seed, run, step_from, step_to, flip_rate, load_tau;
@@ -230,10 +230,10 @@ def matrix_geometry(matrix: np.ndarray | torch.Tensor) -> dict[str, Any]:
 
 def router_grams(model: nn.Module) -> list[np.ndarray | None]:
     """SPECTRA's inference Gram matrix ``G = Ē Ēᵀ`` [E, E] of every MoE layer (depth order): Ē is the router's
-    per-layer EMA ``ebar_ema`` (docs/spectra-method.md §1.4, the matrix `spectra.evaluate.router_geometry`
+    per-layer EMA ``ebar_ema`` (docs/spectra-method.md §1.4, the matrix `spectra_artifact.evaluate.router_geometry`
     measures). None for a layer whose EMA has had no optimizer step; [] for a model without SPECTRA routers."""
-    from .routers import SpectraRouter
-    from .upcycle import routers_of
+    from spectra.routers import SpectraRouter
+    from spectra.upcycle import routers_of
 
     out: list[np.ndarray | None] = []
     for r in routers_of(model):
@@ -250,7 +250,7 @@ def router_grams(model: nn.Module) -> list[np.ndarray | None]:
 
 def output_similarity(reps: np.ndarray) -> list[np.ndarray]:
     """Per MoE layer, the cosine-similarity (Gram) matrix [E, E] of the experts' mean outputs: each expert's
-    output averaged over the domains present (`spectra.analysis.expert_outputs` gives [L, E, domains, D]), rows
+    output averaged over the domains present (`spectra_artifact.analysis.expert_outputs` gives [L, E, domains, D]), rows
     L2-normalised. Unit diagonal like the router's G; all ones when the experts compute the same function."""
     out = []
     for layer in np.asarray(reps, np.float64):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import metrics
+from spectra import metrics
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -189,7 +189,7 @@ def train(
     """
     from accelerate import Accelerator
 
-    from .upcycle import step_routers
+    from spectra.upcycle import step_routers
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,14 @@
-"""Analysis helpers shared by the paper notebooks (notebooks/0*.ipynb) and `spectra.report`.
+"""Analysis helpers shared by the paper notebooks (notebooks/0*.ipynb) and `spectra_artifact.report`.
 
 Everything here reads the run outputs of the pipeline — the two arms of the experiment (README 'Experiment'),
 ``runs/<profile>/<arm>/<variant>/s<seed>/{metrics.json, log.jsonl, routing.npz, dynamics.npz, model/}``, the
 strongest baseline's extra seeds under ``runs/<profile>/extra/<arm>/``, the base model under
 ``runs/<profile>/base/`` and the upcycle sweep's ``results/<profile>/upcycle_sweep/sweep.json`` — or re-uses the
-package's own definitions (`spectra.metrics`, `spectra.stats`, `spectra.sinkhorn`, the routers); nothing here
+package's own definitions (`spectra.metrics`, `spectra_artifact.stats`, `spectra.sinkhorn`, the routers); nothing here
 defines or changes the method. Tables are pandas DataFrames or JSON-ready dicts; the notebooks save them as
-CSV/JSON and `spectra.report` turns them into LaTeX.
+CSV/JSON and `spectra_artifact.report` turns them into LaTeX.
 
-Sections: run outputs (loading, flattening), comparisons (paired statistics from `spectra.stats`: CIs, paired
+Sections: run outputs (loading, flattening), comparisons (paired statistics from `spectra_artifact.stats`: CIs, paired
 differences against SPECTRA, Holm, MDE, the experiment's power, time to threshold), tables, method demonstrations
 (notebook 01), specialisation analysis (notebook 04).
 """
@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import metrics
+from spectra import metrics
+from spectra.config import ABLATIONS, BASELINES, CONTROLS, MoEConfig
+
 from . import stats as S
-from .config import ABLATIONS, BASELINES, CONTROLS, MoEConfig
 from .evaluate import block_forward, mlp_modules  # noqa: F401  (mlp_modules: part of this API)
 
 #: The SPECTRA family: the method, its top-1 version (compute of k = 1) and its five ablations.
@@ -44,7 +45,7 @@ FIXED_ROUTERS: tuple[str, ...] = ("hash",)
 NON_CAUSAL: tuple[str, ...] = ("expert_choice",)
 #: Row order of every table: the method family, the dense models, the routing baselines, the routing controls.
 VARIANT_ORDER: tuple[str, ...] = (*SPECTRA_FAMILY, *DENSE, *(b for b in BASELINES if b != "dense"), *CONTROLS)
-#: Plain-text display names (plots, CSV); `spectra.report` has its own LaTeX names.
+#: Plain-text display names (plots, CSV); `spectra_artifact.report` has its own LaTeX names.
 LABELS: dict[str, str] = {
     "spectra": "SPECTRA",
     "spectra_k1": "SPECTRA k=1",
@@ -73,7 +74,8 @@ POWER_GOAL = 5.0
 MDE_GOAL_PPL_PCT = 0.5
 ALPHA = 0.05  #: family-wise error rate of every Holm family (CIs at 1 - ALPHA)
 MDE_POWER = 0.8  #: the power at which the minimum detectable effect is computed
-RANK_MIN_SEEDS = 3  #: a variant is placed in a ranking only with at least this many (paired) seeds (spectra.stats)
+#: a variant is placed in a ranking only with at least this many (paired) seeds (spectra_artifact.stats)
+RANK_MIN_SEEDS = 3
 
 
 def group_of(variant: str) -> str:
@@ -231,7 +233,7 @@ def moe_config_of_run(run: dict[str, Any]) -> dict[str, Any] | None:
     """The MoE configuration a run's model was really built with: the one saved with the model
     (``model/config.json`` → ``spectra_moe.moe_config``), else the ``moe_config`` of metrics.json
     (None for dense)."""
-    from .upcycle import CONFIG_KEY
+    from spectra.upcycle import CONFIG_KEY
 
     path = Path(run["_dir"]) / "model" / "config.json" if "_dir" in run else None
     if path is not None and path.exists():
@@ -346,8 +348,8 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
 
 
 def seed_losses(runs: Sequence[dict[str, Any]], split: str = "test") -> tuple[dict[str, dict[int, float]], list[str]]:
-    """``({variant: {seed: held-out NLL of split}}, diverged runs)``: what `spectra.stats` compares. A run whose loss is
-    not finite (diverged) is left out and named in the second list, so the statistics never see a nan."""
+    """``({variant: {seed: held-out NLL of split}}, diverged runs)``: what `spectra_artifact.stats` compares. A run
+    whose loss is not finite (diverged) is left out and named in the second list, so the statistics never see a nan."""
     out: dict[str, dict[int, float]] = {}
     diverged = []
     for m in runs:
@@ -398,7 +400,7 @@ def _lowest(table: dict[str, Any], candidates: Iterable[str], select_on: Mapping
 def comparison(runs: Sequence[dict[str, Any]], arm: str, reference: str = "spectra", split: str = "test",
                variants: Sequence[str] | None = None, alpha: float = ALPHA, power: float = MDE_POWER) -> dict[str, Any]:
     """One comparison table of the paper: every variant of `arm` (or just `variants`) against `reference` on the
-    per-seed held-out NLL of `split`, paired by seed (`spectra.stats.comparison_table`: CI of each mean, paired
+    per-seed held-out NLL of `split`, paired by seed (`spectra_artifact.stats.comparison_table`: CI of each mean, paired
     difference, Holm over the table's family, MDE, "significant" = Holm-significant and at least the MDE, "ranked" =
     at least `RANK_MIN_SEEDS` paired seeds).
 
@@ -411,7 +413,7 @@ def comparison(runs: Sequence[dict[str, Any]], arm: str, reference: str = "spect
       lowest mean *validation* loss — the baseline the claims compare SPECTRA with, the same rule that gave it its
       extra seeds (pipeline/extra.py); ``best_learned``: the ranked, causal learned router (`is_learned_router`,
       SPECTRA family included) with the lowest mean validation loss; ``control``: the routing control;
-    * ``power``: `spectra.stats.experiment_power` (control vs the best learned router) with the goal
+    * ``power``: `spectra_artifact.stats.experiment_power` (control vs the best learned router) with the goal
       `POWER_GOAL`; ``mde_vs_strongest``: the MDE (% ppl) of the comparison with the strongest baseline, goal
       `MDE_GOAL_PPL_PCT` — each ``{value, goal, met}`` (met None when the value is nan).
 
@@ -539,7 +541,7 @@ def heldout_curves(runs: Sequence[dict[str, Any]]):
 def time_to_threshold_table(runs: Sequence[dict[str, Any]], reference: str = "dense"):
     """Steps each variant needs to reach the `reference`'s final held-out curve loss (Switch Transformer Table 1
     style), per arm: the threshold is the mean over the reference's seeds of its last curve point; each seed's step
-    is `spectra.stats.time_to_threshold` of its own curve (linear between curve points, None = not reached).
+    is `spectra_artifact.stats.time_to_threshold` of its own curve (linear between curve points, None = not reached).
 
     One row per (arm, variant): threshold, n (seeds), reached (how many), steps_mean / steps_std over the seeds that
     reached it (NaN if none did), steps (per seed, "-" = not reached), final_step, and speedup = the reference's
@@ -635,7 +637,8 @@ def per_domain_table(frame):
 
 
 def expression_drops(runs: Sequence[dict[str, Any]], arm: str = "scratch", alpha: float = ALPHA) -> dict[str, Any]:
-    """The two expression-ablation drops of the method page §5 in `arm`, both paired by seed (`spectra.stats`):
+    """The two expression-ablation drops of the method page §5 in `arm`, both paired by seed
+    (`spectra_artifact.stats`):
 
     (a) ``no_expression − spectra``: two trained models, per-seed test NLL difference (`paired_difference`);
     (b) ``spectra with batch-mean expression − spectra``: the same trained model evaluated twice (metrics.json
@@ -663,7 +666,7 @@ def load_model(model_dir: str | os.PathLike) -> nn.Module:
     """A saved run model in eval mode: `spectra.upcycle.load` for converted models, else the HF class."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .upcycle import CONFIG_KEY, load
+    from spectra.upcycle import CONFIG_KEY, load
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
@@ -675,7 +678,7 @@ def load_model(model_dir: str | os.PathLike) -> nn.Module:
 
 def capture_mlp_inputs(model: nn.Module, blocks: np.ndarray, batch_size: int | None = None) -> list[torch.Tensor]:
     """The inputs of every decoder layer's MLP (after the pre-FFN norm — what an MoE block receives) on
-    `blocks` [B, T]; one [B·T, D] tensor per layer (depth order). From `spectra.evaluate.block_forward`:
+    `blocks` [B, T]; one [B·T, D] tensor per layer (depth order). From `spectra_artifact.evaluate.block_forward`:
     blocks already run through this model (e.g. by `block_features`) are not run again."""
     rows, _ = block_forward(model, blocks, batch_size, mlp_inputs=True)
     n_layers = len(mlp_modules(model))
@@ -686,7 +689,7 @@ def capture_mlp_inputs(model: nn.Module, blocks: np.ndarray, batch_size: int | N
 
 def block_features(model: nn.Module, blocks: np.ndarray, batch_size: int | None = None, layer: int = -1) -> np.ndarray:
     """Mean-pooled hidden states of `layer` for token blocks [B, T] (features for linear probes; the
-    token-id counterpart of `spectra.evaluate.hidden_features`). The forward keeps the blocks' MLP
+    token-id counterpart of `spectra_artifact.evaluate.hidden_features`). The forward keeps the blocks' MLP
     inputs too, so a later `capture_mlp_inputs` / `expert_outputs` of (a subset of) the same blocks reuses it."""
     rows, _ = block_forward(model, blocks, batch_size, mlp_inputs=True)
     if not rows:
@@ -695,8 +698,8 @@ def block_features(model: nn.Module, blocks: np.ndarray, batch_size: int | None 
 
 
 def text_features(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int, layer: int = -1) -> np.ndarray:
-    """`spectra.evaluate.hidden_features` (mean-pooled hidden state `layer`: 0 the embeddings, -1 the last) with a
-    pad token set (our BPE tokenizers have none)."""
+    """`spectra_artifact.evaluate.hidden_features` (mean-pooled hidden state `layer`: 0 the embeddings, -1 the last)
+    with a pad token set (our BPE tokenizers have none)."""
     from .evaluate import hidden_features
 
     if tokenizer.pad_token is None:
@@ -712,7 +715,7 @@ def probe(train_x: np.ndarray, train_y: Sequence[int], test_x: np.ndarray, test_
 
 def probe_with_ci(train_x: np.ndarray, train_y: Sequence[int], test_x: np.ndarray, test_y: Sequence[int],
                   level: float = 1 - ALPHA) -> dict[str, float]:
-    """`probe` accuracy with its Wilson interval over the test items (`spectra.stats.wilson_interval`)."""
+    """`probe` accuracy with its Wilson interval over the test items (`spectra_artifact.stats.wilson_interval`)."""
     acc = probe(train_x, train_y, test_x, test_y)
     n = len(test_y)
     low, high = S.wilson_interval(int(round(acc * n)), n, level)
@@ -755,7 +758,7 @@ def layer_probes(model: nn.Module, tokenizer: Any, tasks: Mapping[str, ProbeTask
 # =============================================================================================== method demo
 def spectra_router(hidden_size: int, num_layers: int = 1, seed: int = 0, **overrides: Any):
     """A fresh `SpectraRouter` (the `spectra` variant preset, `overrides` on top)."""
-    from .routers import build_router
+    from spectra.routers import build_router
 
     torch.manual_seed(seed)
     cfg = MoEConfig.from_variant("spectra", hidden_size=hidden_size, extra={"num_layers": num_layers}, **overrides)
@@ -768,7 +771,7 @@ def router_cost(router, x: torch.Tensor, layer: int = 0, states: dict | None = N
     OSR cost C. Uses the router's own methods (`expression`, `gram`, `cost`)."""
     import torch.nn.functional as F
 
-    from .routers.base import RoutingCall
+    from spectra.routers.base import RoutingCall
 
     was = router.training
     router.train()
@@ -795,7 +798,7 @@ def topk_load(scores: torch.Tensor, k: int) -> np.ndarray:
 def sinkhorn_vs_softmax(cost: torch.Tensor, epsilon: float, iters: int, k: int) -> dict[str, Any]:
     """Per-expert top-k loads of the training-time Sinkhorn plan and of softmax(−C/ε) (the inference /
     no_sinkhorn selection) for one cost matrix, with their load CV and MaxVio."""
-    from .sinkhorn import log_sinkhorn
+    from spectra.sinkhorn import log_sinkhorn
 
     sk = log_sinkhorn(cost, epsilon, iters)
     out = {"sinkhorn": topk_load(sk.log_plan, k), "softmax": topk_load((-cost / epsilon).log_softmax(-1), k)}
@@ -809,7 +812,7 @@ def marginal_errors(cost: torch.Tensor, epsilon: float, iterations: Sequence[int
     """Row and (relative) column marginal errors of `log_sinkhorn` against the number of iterations."""
     import pandas as pd
 
-    from .sinkhorn import log_sinkhorn
+    from spectra.sinkhorn import log_sinkhorn
 
     rows = []
     for it in iterations:
@@ -827,7 +830,7 @@ def train_router(router, layers: Sequence[torch.Tensor], steps: int, batch_token
     projector residual ‖WWᵀ−I‖_F, load CV of the selection (mean over layers)."""
     import pandas as pd
 
-    from .routers.base import RoutingCall
+    from spectra.routers.base import RoutingCall
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=0.0)
@@ -863,7 +866,7 @@ def train_router(router, layers: Sequence[torch.Tensor], steps: int, batch_token
 
 def routing_trajectory(model: nn.Module, block: np.ndarray) -> np.ndarray:
     """Eval-mode top-k experts of each token of one block [T] at every MoE layer → int array [L, T, k]."""
-    from .upcycle import routed_modules
+    from spectra.upcycle import routed_modules
 
     names = [b.moe_name for b in routed_modules(model)]
     rows, _ = block_forward(model, block[None])
@@ -1032,7 +1035,7 @@ def expert_outputs(model: nn.Module, blocks: np.ndarray, block_domains: np.ndarr
     MLP inputs of all held-out tokens of domain d (every expert applied to every token, whatever the
     router chose) → array [L, E, num_domains, D]. Domains without a token are NaN. The MLP inputs come
     from `capture_mlp_inputs` (no new forward for blocks this model already ran)."""
-    from .upcycle import routed_modules
+    from spectra.upcycle import routed_modules
 
     blocks_mods = routed_modules(model)
     if not blocks_mods:
@@ -1115,7 +1118,7 @@ def setup_facts(profile: str, runs: Sequence[dict[str, Any]], base: dict[str, An
     learning rate is the sweep's choice), tokens per run, the seeds of every variant (``seeds``: the fewest of any
     variant, ``focus_seeds``: the most), the symmetry breaking, the evaluation sizes and the extra-seed choice
     (`extra`: `extra_choice` per arm); the MoE settings as saved with the models; the upcycle sweep (`sweep`:
-    sweep.json); data splits, sources and licences (`spectra.resources`); and the hardware this runs on."""
+    sweep.json); data splits, sources and licences (`spectra_artifact.resources`); and the hardware this runs on."""
     import platform
 
     from . import resources
