@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402  (after common: it sets OMP_WAIT_POLICY)
 import torch  # noqa: E402
 from spectra_artifact import evaluate  # noqa: E402
 from spectra_artifact.train import TrainSettings, train
+from experiment import code_hash  # noqa: E402  (the training code's hash, as every run's fingerprint has it)
 
 
 def build_base(params: dict, meta: dict):
@@ -59,7 +60,11 @@ def main(profile_name: str) -> None:
                              "pretrained here has no data; set it > 0 (e.g. 0.5).")
         settings = TrainSettings(**prof["base"]["train"], seed=0)
         t0 = time.perf_counter()
-        summary.update(train(model, train_blocks, settings, out_dir / "state", fingerprint=fingerprint(prof["base"], data_identity(meta), prof["data"].get("pretrain_fraction"))))
+        # the code is part of the resume fingerprint: a checkpoint written by other code is never resumed (it was:
+        # the committed base of one build came from an earlier start's checkpoint, and weights the current code does
+        # not reproduce)
+        fp = fingerprint(prof["base"], data_identity(meta), prof["data"].get("pretrain_fraction"), code_hash())
+        summary.update(train(model, train_blocks, settings, out_dir / "state", fingerprint=fp))
         timing = {**summary.pop("timing"), "wall_seconds_train": time.perf_counter() - t0}
         write_json(out_dir / "timing.json", timing)  # measurements; metrics.json stays deterministic
     else:  # a pretrained base is not trained here: its (persisted) resume folder stays empty
