@@ -54,63 +54,66 @@ _WEIGHT_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDi
 
 
 class _CosineAndMean(torch.autograd.Function):
-    """``S[n,e] = cos(r[n,e], p[n,e])`` and ``masked_mean_n p̂[n]`` in one pass over token chunks.
+    """``S[n,e] = cos(r[n,e], p[n,e])`` (§1.3) and ``masked_mean_n p̂[n]`` (§1.4) with a closed-form backward.
 
     Equal (to float rounding) to ``p̂ = F.normalize(p, dim=-1); S = (F.normalize(r, dim=-1) * p̂).sum(-1);
-    masked_mean(p̂, mask)``, gradients included (the clamp of the norm at F.normalize's eps too), but
-    without materialising r̂, p̂ and their products as [N, E, R] tensors in forward and backward: those
-    are fresh 4·N·E·R-byte allocations, which made the similarity alone cost ~6% of a D=768 block.
+    masked_mean(p̂, mask)``, gradients included (the clamp of the norm at F.normalize's eps too), without
+    materialising r̂, p̂ or their products as [N, E, R] tensors. With ``ρ = 1/max(|r|, eps)`` and
+    ``π = 1/max(|p|, eps)`` per (n, e), ``S = (r·p) ρ π`` and
+
+        ∂L/∂r = g_S ρπ · p − g_S S ρ² · r                                  (the second term only where |r| ≥ eps)
+        ∂L/∂p = g_S ρπ · r − (g_S S π² + c π³ (ḡ·p)) · p + c π · ḡ          (c = mask / count, ḡ = ∂L/∂mean)
+
+    so forward saves only the [N, E] scalars (norms, S) and backward makes one pass per gradient over
+    token chunks (whose temporaries stay in cache) instead of renormalising r and p.
     """
 
     @staticmethod
     def forward(ctx, r, p, mask, with_mean):
         n = r.shape[0]
         step = _chunk_rows(r)
+        r_norm, p_norm = torch.linalg.vector_norm(r, dim=-1), torch.linalg.vector_norm(p, dim=-1)
+        r_inv, p_inv = r_norm.clamp_min(_NORM_EPS).reciprocal_(), p_norm.clamp_min(_NORM_EPS).reciprocal_()
         s = r.new_empty(r.shape[:-1])
-        total = r.new_zeros(r.shape[1:]) if with_mean else None
         for a in range(0, n, step):
-            rc, pc = r[a:a + step], p[a:a + step]
-            rinv = rc.norm(dim=-1).clamp_min_(_NORM_EPS).reciprocal_()
-            pinv = pc.norm(dim=-1).clamp_min_(_NORM_EPS).reciprocal_()
-            torch.mul((rc * pc).sum(-1), rinv * pinv, out=s[a:a + step])
-            if with_mean:
-                if mask is not None:
-                    pinv = pinv * mask[a:a + step, None]
-                total += (pc * pinv.unsqueeze(-1)).sum(0)
-        count = None
+            torch.linalg.vecdot(r[a:a + step], p[a:a + step], out=s[a:a + step])
+        s.mul_(r_inv).mul_(p_inv)
+        total = count = None
         if with_mean:
             count = float(n) if mask is None else mask.sum().clamp_min(1.0)
-            total = total / count
-        ctx.save_for_backward(r, p, mask)
+            weight = p_inv if mask is None else p_inv * mask[:, None]
+            total = torch.einsum("ne,ner->er", weight, p) / count
+        ctx.save_for_backward(r, p, mask, s, r_inv, p_inv, r_norm >= _NORM_EPS, p_norm >= _NORM_EPS)
         ctx.count, ctx.step = count, step
         return s, total
 
     @staticmethod
     def backward(ctx, grad_s, grad_mean):
-        r, p, mask = ctx.saved_tensors
-        step = ctx.step
-        n = r.shape[0]
-        gr = torch.empty_like(r) if ctx.needs_input_grad[0] else None
-        gp = torch.empty_like(p) if ctx.needs_input_grad[1] else None
+        r, p, mask, s, r_inv, p_inv, r_live, p_live = ctx.saved_tensors
+        n, step = r.shape[0], ctx.step
         if grad_s is None:
-            grad_s = r.new_zeros(r.shape[:-1])
-        gmean = grad_mean / ctx.count if grad_mean is not None else None
-        for a in range(0, n, step):
-            rc, pc, gs = r[a:a + step], p[a:a + step], grad_s[a:a + step].unsqueeze(-1)
-            rnorm, pnorm = rc.norm(dim=-1, keepdim=True), pc.norm(dim=-1, keepdim=True)
-            rinv = rnorm.clamp_min(_NORM_EPS).reciprocal_()
-            pinv = pnorm.clamp_min(_NORM_EPS).reciprocal_()
-            rh, ph = rc * rinv, pc * pinv
-            if gr is not None:  # d r̂ = gs·p̂; d r = (d r̂ − r̂ (d r̂·r̂)) / |r|  (no projection where |r| < eps)
-                g_hat = gs * ph
-                proj = (g_hat * rh).sum(-1, keepdim=True) * (rnorm >= _NORM_EPS)
-                torch.mul(g_hat.sub_(rh * proj), rinv, out=gr[a:a + step])
-            if gp is not None:
-                g_hat = gs * rh
-                if gmean is not None:
-                    g_hat = g_hat + (gmean if mask is None else gmean * mask[a:a + step, None, None])
-                proj = (g_hat * ph).sum(-1, keepdim=True) * (pnorm >= _NORM_EPS)
-                torch.mul(g_hat.sub_(ph * proj), pinv, out=gp[a:a + step])
+            grad_s = torch.zeros_like(s)
+        both = grad_s * r_inv * p_inv  # the coefficient of p in ∂L/∂r and of r in ∂L/∂p
+        gr = gp = None
+        if ctx.needs_input_grad[0]:
+            own = grad_s * s * r_inv.square() * r_live
+            gr = torch.empty_like(r)
+            for a in range(0, n, step):
+                rows = slice(a, a + step)
+                torch.mul(p[rows], both[rows, :, None], out=gr[rows]).sub_(r[rows] * own[rows, :, None])
+        if ctx.needs_input_grad[1]:
+            own = grad_s * s * p_inv.square()
+            mean_coef = None
+            if grad_mean is not None:
+                mean_coef = p_inv / ctx.count if mask is None else p_inv * mask[:, None] / ctx.count
+                own = own + mean_coef * p_inv.square() * torch.einsum("ner,er->ne", p, grad_mean)
+            own = own * p_live
+            gp = torch.empty_like(p)
+            for a in range(0, n, step):
+                rows = slice(a, a + step)
+                g = torch.mul(r[rows], both[rows, :, None], out=gp[rows]).sub_(p[rows] * own[rows, :, None])
+                if mean_coef is not None:
+                    g.add_(mean_coef[rows, :, None] * grad_mean)
         return gr, gp, None, None
 
 
@@ -124,6 +127,36 @@ def cosine_and_mean(r: torch.Tensor, p: torch.Tensor, mask: torch.Tensor | None,
     """(S = cos(r, p) over the last dim [N, E], masked_mean_n p̂ [E, R] or None). See `_CosineAndMean`."""
     m = None if mask is None else mask.to(r.dtype)
     return _CosineAndMean.apply(r, p, m, with_mean)
+
+
+class _ZeroStateGates(torch.autograd.Function):
+    """The recurrent gate pre-activations of a GRU cell at ``h = 0``: ``W_hh·0 + b_hh = b_hh`` (a [3H]
+    vector broadcast over the tokens), without the [N, H] × [H, 3H] product of zeros. W_hh gets the exact
+    zero gradient that product would give it, so an optimizer (AdamW's decay, DDP's bucket of used
+    parameters) sees the same thing as with ``GRUCell(x, None)``."""
+
+    @staticmethod
+    def forward(ctx, w_hh: torch.Tensor, b_hh: torch.Tensor) -> torch.Tensor:
+        ctx.w_shape = w_hh.shape
+        return b_hh.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.new_zeros(ctx.w_shape), grad
+
+
+def gru_cell_from_zero(cell: nn.GRUCell, x: torch.Tensor) -> torch.Tensor:
+    """``cell(x, h = 0)`` (the context cell at the first MoE layer, §1.1, ``h_0 = 0``) without the
+    recurrent matmul: with ``h = 0`` the recurrent gates are the bias b_hh, so
+    ``r = σ(W_ir x + b_ir + b_hr)``, ``z = σ(W_iz x + b_iz + b_hz)``, ``n = tanh(W_in x + b_in + r ⊙ b_hn)``
+    and ``h' = (1 − z) ⊙ n + z ⊙ 0``, in ATen's order of operations (the same values as ``cell(x, None)``)."""
+    if cell.bias_hh is None or x.dim() != 2:
+        return cell(x, None)
+    i_r, i_z, i_n = F.linear(x, cell.weight_ih, cell.bias_ih).chunk(3, dim=-1)
+    h_r, h_z, h_n = _ZeroStateGates.apply(cell.weight_hh, cell.bias_hh).chunk(3)
+    reset, update = torch.sigmoid(h_r + i_r), torch.sigmoid(h_z + i_z)
+    new = torch.tanh(i_n + h_n * reset)
+    return new - new * update  # ATen: (h − n) ⊙ z + n with h = 0
 
 
 class SpectraRouter(Router):
@@ -183,7 +216,7 @@ class SpectraRouter(Router):
         if prev is not None and prev.shape[0] != x.shape[0]:
             prev = None
         if self.config.context == "depth":
-            h = self.cell(x, prev)
+            h = self.cell(x, prev) if prev is not None else gru_cell_from_zero(self.cell, x)
         else:  # causal GRU over the sequence, plus the previous layer's per-token state
             if call.batch_shape is None:
                 raise ValueError("context='token' needs the (batch, seq) shape of the tokens; call the router through MoEBlock.")
