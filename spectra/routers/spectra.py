@@ -3,6 +3,7 @@ similarity, expert Gram matrix, OSR cost, Sinkhorn in training, causal softmax a
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -51,6 +52,14 @@ class _QR(nn.Module):
 _NORM_EPS = 1e-12  # F.normalize's default
 #: router -> (key, W_p) of the current forward call (outside the module, so deepcopy/pickle never see it)
 _WEIGHT_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _release_weight(router_ref: weakref.ref, weight_ref: weakref.ref, grad: torch.Tensor) -> None:
+    """Gradient hook of a cached W_p: its graph is spent, drop the entry (if it is still this W_p)."""
+    router = router_ref()
+    cached = _WEIGHT_CACHE.get(router) if router is not None else None
+    if cached is not None and cached[1] is weight_ref():
+        del _WEIGHT_CACHE[router]
 
 
 class _CosineAndMean(torch.autograd.Function):
@@ -169,6 +178,9 @@ class SpectraRouter(Router):
     * training: top-k of the Sinkhorn plan Q (§1.6–1.7); inference: top-k of softmax(−C/ε);
     * losses ``λ_ent · mean_n H(Q_n) + λ_ortho · ‖G − I‖_F²`` (§1.8).
     """
+
+    #: W_p computed once per forward call and shared by its MoE layers (`forward_projector_weight`)
+    share_projector_weight: bool = True
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
@@ -391,25 +403,36 @@ class SpectraRouter(Router):
         return None if self.config.expression == "learned" else self.projector.weight
 
     def forward_projector_weight(self) -> torch.Tensor:
-        """W_p for this forward call, computed once and shared by every MoE layer of the call.
+        """W_p (§1.2) for this forward call, computed once and shared by every MoE layer of the call.
 
         A parametrised projector (``param``: Cayley map, ``ns``, ``qr``) recomputes W_p from its
-        unconstrained parameter at every access — once per layer and again in backward. The cache is
-        keyed by the forward call, the autograd mode and the parameters' in-place version counters, so an
-        optimizer step or a new call always recomputes it. `prepare_forward` fills it before the first
-        layer (outside any activation-checkpointed segment, so a recomputation sees the same graph)."""
-        params = tuple(self.projector.parameters())
-        key = (self.ctx.forward_id, torch.is_grad_enabled(), tuple(p._version for p in params),
-               tuple(p.data_ptr() for p in params))
+        unconstrained parameter at every access — once per layer, and once more per layer when non-reentrant
+        activation checkpointing recomputes the layers in backward. The cache (one entry per router) is
+        keyed by the forward call (`RoutingContext.forward_id`), the module mode, the autograd mode
+        (grad / no_grad / inference_mode) and the in-place version counters and storages of the
+        projector's parameters and buffers, so a new call, an optimizer step, ``load_state_dict`` or an
+        assignment always recomputes it. It is dropped once autograd has computed W_p's gradient (its graph
+        is freed then), so a later call never differentiates through a freed graph. `prepare_forward` fills
+        it before the first layer, outside any checkpointed segment: a recomputation in backward reuses the
+        forward's W_p and its graph. ``share_projector_weight = False`` turns the cache off."""
+        if not (self.share_projector_weight and parametrize.is_parametrized(self.projector)):
+            return self.projector.weight
+        tensors = (*self.projector.parameters(), *self.projector.buffers())
+        if any(t.is_inference() for t in tensors):  # inference tensors have no version counter: no cache
+            return self.projector.weight
+        key = (self.ctx.forward_id, self.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+               tuple(t._version for t in tensors), tuple(t.data_ptr() for t in tensors))
         cached = _WEIGHT_CACHE.get(self)
         if cached is not None and cached[0] == key:
             return cached[1]
         weight = self.projector.weight
         _WEIGHT_CACHE[self] = (key, weight)
+        if weight.requires_grad:
+            weight.register_hook(functools.partial(_release_weight, weakref.ref(self), weakref.ref(weight)))
         return weight
 
     def prepare_forward(self) -> None:
-        """Called by the model's forward pre-hook after `RoutingContext.begin_forward`."""
+        """Called by the model's forward pre-hook after `RoutingContext.begin_forward`: W_p of this call."""
         _WEIGHT_CACHE.pop(self, None)
-        if self.config.expression == "projector" and parametrize.is_parametrized(self.projector):
+        if self.config.expression == "projector" and self.share_projector_weight:
             self.forward_projector_weight()
