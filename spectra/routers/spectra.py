@@ -73,25 +73,31 @@ class _CosineAndMean(torch.autograd.Function):
         ∂L/∂r = g_S ρπ · p − g_S S ρ² · r                                  (the second term only where |r| ≥ eps)
         ∂L/∂p = g_S ρπ · r − (g_S S π² + c π³ (ḡ·p)) · p + c π · ḡ          (c = mask / count, ḡ = ∂L/∂mean)
 
-    so forward saves only the [N, E] scalars (norms, S) and backward makes one pass per gradient over
-    token chunks (whose temporaries stay in cache) instead of renormalising r and p.
+    so forward saves only the [N, E] scalars (norms, S), and both directions make one pass over token
+    chunks (each chunk of r and p read once, its temporaries in cache) instead of renormalising r and p.
     """
 
     @staticmethod
     def forward(ctx, r, p, mask, with_mean):
         n = r.shape[0]
         step = _chunk_rows(r)
-        r_norm, p_norm = torch.linalg.vector_norm(r, dim=-1), torch.linalg.vector_norm(p, dim=-1)
+        r_norm, p_norm, s = (r.new_empty(r.shape[:-1]) for _ in range(3))
+        total = r.new_zeros(r.shape[1:]) if with_mean else None
+        for a in range(0, n, step):  # each chunk of r and p is read from memory once
+            rows = slice(a, a + step)
+            rc, pc = r[rows], p[rows]
+            torch.linalg.vector_norm(rc, dim=-1, out=r_norm[rows])
+            torch.linalg.vector_norm(pc, dim=-1, out=p_norm[rows])
+            torch.linalg.vecdot(rc, pc, out=s[rows])
+            if with_mean:
+                weight = p_norm[rows].clamp_min(_NORM_EPS).reciprocal_()
+                total += torch.einsum("ne,ner->er", weight if mask is None else weight * mask[rows, None], pc)
         r_inv, p_inv = r_norm.clamp_min(_NORM_EPS).reciprocal_(), p_norm.clamp_min(_NORM_EPS).reciprocal_()
-        s = r.new_empty(r.shape[:-1])
-        for a in range(0, n, step):
-            torch.linalg.vecdot(r[a:a + step], p[a:a + step], out=s[a:a + step])
         s.mul_(r_inv).mul_(p_inv)
-        total = count = None
+        count = None
         if with_mean:
             count = float(n) if mask is None else mask.sum().clamp_min(1.0)
-            weight = p_inv if mask is None else p_inv * mask[:, None]
-            total = torch.einsum("ne,ner->er", weight, p) / count
+            total = total / count
         ctx.save_for_backward(r, p, mask, s, r_inv, p_inv, r_norm >= _NORM_EPS, p_norm >= _NORM_EPS)
         ctx.count, ctx.step = count, step
         return s, total
@@ -103,26 +109,26 @@ class _CosineAndMean(torch.autograd.Function):
         if grad_s is None:
             grad_s = torch.zeros_like(s)
         both = grad_s * r_inv * p_inv  # the coefficient of p in ∂L/∂r and of r in ∂L/∂p
-        gr = gp = None
-        if ctx.needs_input_grad[0]:
-            own = grad_s * s * r_inv.square() * r_live
-            gr = torch.empty_like(r)
-            for a in range(0, n, step):
-                rows = slice(a, a + step)
-                torch.mul(p[rows], both[rows, :, None], out=gr[rows]).sub_(r[rows] * own[rows, :, None])
-        if ctx.needs_input_grad[1]:
-            own = grad_s * s * p_inv.square()
-            mean_coef = None
-            if grad_mean is not None:
-                mean_coef = p_inv / ctx.count if mask is None else p_inv * mask[:, None] / ctx.count
-                own = own + mean_coef * p_inv.square() * torch.einsum("ner,er->ne", p, grad_mean)
-            own = own * p_live
-            gp = torch.empty_like(p)
-            for a in range(0, n, step):
-                rows = slice(a, a + step)
-                g = torch.mul(r[rows], both[rows, :, None], out=gp[rows]).sub_(p[rows] * own[rows, :, None])
+        own_r = grad_s * s * r_inv.square() * r_live  # minus the coefficient of r in ∂L/∂r
+        own_p = grad_s * s * p_inv.square()  # minus the coefficient of p in ∂L/∂p (without the mean's part)
+        mean_coef = None
+        if grad_mean is not None:
+            mean_coef = p_inv / ctx.count if mask is None else p_inv * mask[:, None] / ctx.count
+        want_r, want_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gr = torch.empty_like(r) if want_r else None
+        gp = torch.empty_like(p) if want_p else None
+        for a in range(0, n, step):  # both gradients of a chunk while it is in cache
+            rows = slice(a, a + step)
+            rc, pc, b = r[rows], p[rows], both[rows, :, None]
+            if want_r:
+                torch.mul(pc, b, out=gr[rows]).addcmul_(rc, own_r[rows, :, None], value=-1)
+            if want_p:
+                own = own_p[rows]
                 if mean_coef is not None:
-                    g.add_(mean_coef[rows, :, None] * grad_mean)
+                    own = own + mean_coef[rows] * p_inv[rows].square() * torch.einsum("ner,er->ne", pc, grad_mean)
+                g = torch.mul(rc, b, out=gp[rows]).addcmul_(pc, (own * p_live[rows]).unsqueeze(-1), value=-1)
+                if mean_coef is not None:
+                    g.addcmul_(mean_coef[rows, :, None], grad_mean)
         return gr, gp, None, None
 
 
