@@ -215,3 +215,106 @@ def test_first_layer_context_is_the_zero_state_cell(monkeypatch):
     torch.testing.assert_close(got.detach(), expected, rtol=1e-6, atol=1e-6)
     r._context(x, RoutingCall(1, None, None, (1, 11), False))  # layer 1 has a state: the ordinary cell
     assert len(calls) == 1 and calls[0][0] is not None
+
+
+# ---------------------------------------------------------------------------- the CUDA path, run on CPU
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records every operation that reads device values on the host (a synchronisation on CUDA): scalar
+    conversions, ``tolist``, and the ops whose output size depends on tensor values."""
+
+    SYNC = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "bincount",
+            "masked_select", "unique", "unique_consecutive"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        boolean_index = name == "__getitem__" and any(
+            torch.is_tensor(i) and i.dtype == torch.bool
+            for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+        if name in self.SYNC or boolean_index:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def sync_free_block(variant: str, layers: int = 3):
+    from spectra import MoEBlock, MoEConfig
+
+    torch.manual_seed(0)
+    cfg = MoEConfig.from_variant(variant, hidden_size=16, num_experts=4, top_k=2, router_dim=8,
+                                 extra={"num_layers": layers})
+    block = MoEBlock(cfg)
+    return cfg, block
+
+
+def route_all_layers(variant, sync_free, training, mask=None, layers=3, steps=0):
+    """Route the same tokens through `layers` MoE layers (one shared router), as a model call does."""
+    from spectra.moe import route_tokens
+
+    cfg, block = sync_free_block(variant, layers)
+    r = block.router.train(training)
+    r.sync_free = sync_free
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(12, 16, generator=g) for _ in range(layers)]
+    for _ in range(steps):  # running statistics (Ē, ḡ, the step counter) on the router
+        r.train()
+        r.ctx.begin_forward()
+        for i, x in enumerate(xs):
+            route_tokens(r, cfg, RoutingCall(i, mask, None, (1, 12), False), x, True)
+        r.step()  # reads the buffers it updated into the router's host mirror
+        r.train(training)
+    if not steps:  # a fresh router: the first call reads its step counters once
+        r.ctx.begin_forward()
+        with HostReads() as first:
+            route_tokens(r, cfg, RoutingCall(0, mask, None, (1, 12), False), xs[0], training)
+        if sync_free:
+            assert set(first.reads) <= {"tolist"} and len(first.reads) <= len(r.host_mirrored)
+    r.ctx.begin_forward()
+    reads = HostReads()
+    outs = []
+    with reads:
+        for i, x in enumerate(xs):
+            outs.append(route_tokens(r, cfg, RoutingCall(i, mask, None, (1, 12), False), x, training))
+    return outs, reads.reads
+
+
+@pytest.mark.parametrize("variant", ["spectra", "top2"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("steps", [0, 2])
+def test_sync_free_routing_reads_nothing_on_the_host_and_matches_the_cpu_path(variant, training, steps):
+    fast, reads = route_all_layers(variant, True, training, steps=steps)
+    assert reads == []
+    slow, slow_reads = route_all_layers(variant, False, training, steps=steps)
+    assert slow_reads  # the detector sees the CPU path's host reads (bincount, int(...))
+    for a, b in zip(fast, slow):
+        for name in ("token_index", "expert_index", "weight", "router_loss"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        for name in ("tokens_per_expert", "num_tokens", "dropped_fraction", "routing_entropy"):
+            assert torch.equal(a.stats[name].float(), b.stats[name].float()), name
+
+
+def test_sync_free_routing_of_a_padded_call_reads_the_mask_once_in_the_router():
+    """With padding, SPECTRA's router reads the number of real tokens once per call (Sinkhorn's column
+    marginal); route_tokens still drops the padding assignments by a compaction per layer (one host read:
+    its size)."""
+    mask = torch.ones(12, dtype=torch.bool)
+    mask[-3:] = False
+    fast, reads = route_all_layers("spectra", True, True, mask=mask, steps=1)
+    slow, _ = route_all_layers("spectra", False, True, mask=mask, steps=1)
+    assert reads.count("__int__") == 1 and reads.count("nonzero") == 3  # one count; one compaction per layer
+    assert set(reads) == {"__int__", "nonzero"}
+    for a, b in zip(fast, slow):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.stats["tokens_per_expert"], b.stats["tokens_per_expert"])
+        assert torch.equal(a.stats["num_tokens"].float(), b.stats["num_tokens"].float())
+
+
+def test_host_buffer_mirror_follows_in_place_updates():
+    cfg, block = sync_free_block("spectra")
+    r = block.router
+    assert r.host_buffer("ebar_steps") == [0, 0, 0]
+    r.ebar_steps[1] += 1  # an optimizer step's update (in place)
+    assert r.host_buffer("ebar_steps") == [0, 1, 0]
+    r.load_state_dict({**r.state_dict(), "ebar_steps": torch.tensor([2, 2, 2])})
+    assert r.host_buffer("ebar_steps") == [2, 2, 2]

@@ -187,6 +187,7 @@ class SpectraRouter(Router):
 
     #: W_p computed once per forward call and shared by its MoE layers (`forward_projector_weight`)
     share_projector_weight: bool = True
+    host_mirrored = ("num_updates", "ebar_steps", "potential_steps")
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
@@ -272,7 +273,7 @@ class SpectraRouter(Router):
     def inference_potential(self, layer: int) -> torch.Tensor | None:
         """ḡ_ℓ, the bias-corrected running mean of layer ℓ's centred Sinkhorn column potentials, or None
         before any training step (§1.7, balanced inference)."""
-        steps = int(self.potential_steps[layer])
+        steps = int(self.host_buffer("potential_steps")[layer])
         if steps == 0:
             return None
         return self.potential_acc[layer] / (1.0 - self.config.ema_decay ** steps)
@@ -285,7 +286,7 @@ class SpectraRouter(Router):
         if self.training:
             ebar = F.normalize(masked_mean(p_hat, mask) if p_hat_mean is None else p_hat_mean, dim=-1)
             return ebar @ ebar.t(), ebar
-        if int(self.ebar_steps[layer]) > 0:
+        if int(self.host_buffer("ebar_steps")[layer]) > 0:
             ebar = self.ebar_ema[layer].to(p_hat.dtype)
             return ebar @ ebar.t(), ebar
         return torch.eye(e, device=p_hat.device, dtype=p_hat.dtype), None
@@ -309,6 +310,7 @@ class SpectraRouter(Router):
         x = x.to(dtype)  # routing in the router's precision (fp32), whatever the activations
         mask = call.mask
         n = x.shape[0]
+        sync_free = self.use_sync_free(x)
         r = self._context(x, call).view(n, self.num_experts, self.router_dim)
         p = self.expression(x, mask)
         # S = cos(r, p) [N, E] and masked_mean_n p̂ (for Ē) in one fused pass (= F.normalize, product, sum)
@@ -325,7 +327,8 @@ class SpectraRouter(Router):
         losses: dict[str, torch.Tensor] = {}
         state_update: dict[str, torch.Tensor] = {}
         if self.training and cfg.use_sinkhorn:
-            sk = log_sinkhorn(c, cfg.sinkhorn_epsilon, cfg.sinkhorn_iters, mask)
+            real = self.ctx.real_tokens(mask) if sync_free and mask is not None else None
+            sk = log_sinkhorn(c, cfg.sinkhorn_epsilon, cfg.sinkhorn_iters, mask, num_valid=real)
             log_q = sk.row_log_plan  # row-normalised plan Q = softmax(−C/ε + g): finite on padding rows too
             stats.update(sinkhorn_row_error=sk.row_error, sinkhorn_col_error=sk.col_error)
             state_update["potential"] = sk.col_potential.detach()
@@ -365,7 +368,7 @@ class SpectraRouter(Router):
             state_update["ebar_sum"] = (p_hat_mean * n_real).detach()  # Σ_n p̂ over real tokens
             state_update["tokens"] = n_real.detach().reshape(1)
             state_update["layer"] = torch.tensor(layer)
-        state_update["counts"] = load_counts(expert_index, self.num_experts, token_index, mask)
+        state_update["counts"] = load_counts(expert_index, self.num_experts, token_index, mask, sync_free)
         return RouterOutput(token_index, expert_index, weight.reshape(n, k).t().reshape(-1), probs, topk_index,
                             losses, stats, state_update)
 
