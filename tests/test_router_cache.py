@@ -39,10 +39,19 @@ def router(model: torch.nn.Module) -> SpectraRouter:
     return r
 
 
-def count_projector_maps(model: torch.nn.Module) -> list[int]:
-    """A counter of the parametrisation's evaluations (the Cayley solve), incremented by a forward hook."""
+def count_projector_maps(model: torch.nn.Module, monkeypatch) -> list[int]:
+    """A counter of W_p's evaluations (each one a Cayley solve): torch's parametrisation (a forward hook)
+    and the router's own evaluation of the same map (`cayley_weight`)."""
+    import spectra.routers.spectra as module
+
     calls = [0]
-    router(model).projector.parametrizations.weight[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+
+    def bump(*_):
+        calls[0] += 1
+
+    router(model).projector.parametrizations.weight[0].register_forward_hook(bump)
+    original = module.cayley_weight
+    monkeypatch.setattr(module, "cayley_weight", lambda projector: bump() or original(projector))
     return calls
 
 
@@ -87,12 +96,12 @@ def test_checkpointing_gives_the_gradients_of_the_plain_backward():
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_projector_map_runs_once_per_forward(checkpointing):
+def test_projector_map_runs_once_per_forward(checkpointing, monkeypatch):
     ids = token_ids(2, 9)
     counts = {}
     for cache in (False, True):
         model = tiny_gpt2(cache)
-        calls = count_projector_maps(model)
+        calls = count_projector_maps(model, monkeypatch)
         train_step(model, ids, checkpointing)
         counts[cache] = calls[0]
     recomputed = LAYERS if checkpointing else 0  # non-reentrant checkpointing re-runs every layer in backward
@@ -162,12 +171,12 @@ def test_no_stale_reuse_across_eval_calls_and_autograd_modes():
         assert torch.equal(a.detach(), b.detach())
 
 
-def test_direct_calls_after_a_backward_do_not_reuse_the_spent_graph():
+def test_direct_calls_after_a_backward_do_not_reuse_the_spent_graph(monkeypatch):
     """Router calls without a new forward id (no model hook, no MoEBlock): the cached W_p is dropped once
     its gradient is computed, so the second backward does not run into the freed Cayley graph."""
     model = tiny_gpt2()
     r = router(model)
-    calls = count_projector_maps(model)
+    calls = count_projector_maps(model, monkeypatch)
     x = torch.randn(10, r.config.hidden_size)
     r.ctx.begin_forward()
     for _ in range(2):
@@ -175,6 +184,35 @@ def test_direct_calls_after_a_backward_do_not_reuse_the_spent_graph():
         (out.weight.sum() + sum(out.losses.values())).backward()
     assert calls[0] == 2
     assert r not in _WEIGHT_CACHE
+
+
+@pytest.mark.parametrize("shape", [(12, 7), (7, 12), (9, 9)])
+def test_cayley_weight_is_torchs_parametrisation(shape):
+    """`cayley_weight` (k columns of the Cayley map, closed-form backward): torch's value and gradient, in
+    float64 (gradcheck too) and float32, for tall, wide and square weights, away from the initial point."""
+    from torch.nn.utils import parametrizations
+
+    from spectra.routers.spectra import _CayleyColumns, cayley_weight
+
+    for dtype in (torch.float64, torch.float32):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(shape[1], shape[0], bias=False).to(dtype)
+        parametrizations.orthogonal(lin, "weight", orthogonal_map="cayley")
+        original = lin.parametrizations.weight.original
+        with torch.no_grad():
+            original.add_(0.3 * torch.randn_like(original))
+        upstream = torch.randn(shape, dtype=dtype)
+        (expected,) = torch.autograd.grad((lin.weight * upstream).sum(), original)
+        weight = cayley_weight(lin)
+        (got,) = torch.autograd.grad((weight * upstream).sum(), original)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(weight.detach(), lin.weight.detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+        if dtype == torch.float64:  # the hand-written backward against finite differences
+            base = lin.parametrizations.weight[0].base
+            x = original.detach() if shape[0] >= shape[1] else original.detach().mT
+            assert torch.autograd.gradcheck(lambda t: _CayleyColumns.apply(t, base),
+                                            (x.clone().requires_grad_(True),))
 
 
 # ---------------------------------------------------------------------------- context cell at h0 = 0

@@ -49,6 +49,60 @@ class _QR(nn.Module):
         return q if tall else q.t()
 
 
+class _CayleyColumns(torch.autograd.Function):
+    """``W = base · Cayley(A)[:, :k]`` for a tall X (n × k, n ≥ k): the value of torch's
+    ``parametrizations.orthogonal(orthogonal_map="cayley")`` (with its trivialisation ``base``), where
+    ``S = [tril(X), 0]`` (n × n), ``A = S − Sᵀ`` and ``Cayley(A) = (I − A/2)⁻¹ (I + A/2)`` (§1.2).
+
+    torch solves for all n columns of Cayley(A) and slices k of them, and its backward goes through the
+    n × n solve, the slice, the padding and the transposes; here forward solves for the k used columns
+    (right-hand side ``(I + A/2)[:, :k] = 2 I[:, :k] − M[:, :k]``, M = I − A/2) and backward uses the
+    closed form ``g_B = M⁻ᵀ baseᵀ g_W``, ``g_M = −g_B Qᵀ``, ``g_A = −g_M/2 + [g_B, 0]/2``,
+    ``g_X = tril((g_A − g_Aᵀ)[:, :k])``, computing only the blocks of g_A it needs.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        n, k = x.shape
+        low = x.tril()
+        m = x.new_zeros(n, n)
+        m[:, :k] = low
+        m[:k, :] -= low.t()  # A = S − Sᵀ
+        m.mul_(-0.5).diagonal().add_(1.0)  # M = I − A/2
+        rhs = -m[:, :k]
+        rhs.diagonal().add_(2.0)  # (I + A/2)[:, :k]
+        lu, pivots = torch.linalg.lu_factor(m)
+        q = torch.linalg.lu_solve(lu, pivots, rhs)
+        ctx.save_for_backward(lu, pivots, q, base)
+        return base @ q
+
+    @staticmethod
+    def backward(ctx, grad_w: torch.Tensor):
+        lu, pivots, q, base = ctx.saved_tensors
+        k = q.shape[1]
+        g_b = torch.linalg.lu_solve(lu, pivots, base.t() @ grad_w, adjoint=True)
+        g_a_cols = (g_b @ q[:k].t()).add_(g_b).mul_(0.5)  # g_A[:, :k]
+        g_a_rows = (g_b[:k] @ q.t()).mul_(0.5)  # g_A[:k, :]
+        g_a_rows[:, :k].add_(g_b[:k], alpha=0.5)
+        return (g_a_cols - g_a_rows.t()).tril(), None
+
+
+def cayley_weight(projector: nn.Module) -> torch.Tensor | None:
+    """The Cayley-parametrised weight of `projector` by `_CayleyColumns` (the value of ``projector.weight``),
+    or None when its parametrisation is not torch's real Cayley map with a trivialisation base."""
+    chain = projector.parametrizations.weight
+    orth = chain[0]
+    base = getattr(orth, "base", None)
+    if len(chain) != 1 or getattr(getattr(orth, "orthogonal_map", None), "name", None) != "cayley" or base is None:
+        return None
+    x = chain.original
+    if x.dim() != 2 or x.is_complex():
+        return None
+    if x.shape[0] < x.shape[1]:  # wide: torch parametrises the transpose
+        return _CayleyColumns.apply(x.mT, base).mT
+    return _CayleyColumns.apply(x, base)
+
+
 _NORM_EPS = 1e-12  # F.normalize's default
 #: router -> (key, W_p) of the current forward call (outside the module, so deepcopy/pickle never see it)
 _WEIGHT_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -423,7 +477,9 @@ class SpectraRouter(Router):
         assignment always recomputes it. It is dropped once autograd has computed W_p's gradient (its graph
         is freed then), so a later call never differentiates through a freed graph. `prepare_forward` fills
         it before the first layer, outside any checkpointed segment: a recomputation in backward reuses the
-        forward's W_p and its graph. ``share_projector_weight = False`` turns the cache off."""
+        forward's W_p and its graph. The Cayley map is evaluated by `cayley_weight` (the same value as
+        ``self.projector.weight``, solving for the columns W_p uses). ``share_projector_weight = False``
+        turns the cache off (and evaluates torch's parametrisation at every access)."""
         if not (self.share_projector_weight and parametrize.is_parametrized(self.projector)):
             return self.projector.weight
         tensors = (*self.projector.parameters(), *self.projector.buffers())
@@ -434,7 +490,8 @@ class SpectraRouter(Router):
         cached = _WEIGHT_CACHE.get(self)
         if cached is not None and cached[0] == key:
             return cached[1]
-        weight = self.projector.weight
+        weight = cayley_weight(self.projector) if self.config.projector_ortho == "param" else None
+        weight = self.projector.weight if weight is None else weight
         _WEIGHT_CACHE[self] = (key, weight)
         if weight.requires_grad:
             weight.register_hook(functools.partial(_release_weight, weakref.ref(self), weakref.ref(weight)))
