@@ -215,6 +215,18 @@ def test_cayley_weight_is_torchs_parametrisation(shape):
                                             (x.clone().requires_grad_(True),))
 
 
+def test_cached_cayley_weight_under_autocast():
+    """bf16 autocast: W_p is evaluated in fp32 (one dtype for the hand-written backward), the routing runs."""
+    model = tiny_gpt2()
+    ids = token_ids(2, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    assert _WEIGHT_CACHE.get(router(model)) is None  # spent by the backward
+    grad = router(model).projector.parametrizations.weight.original.grad
+    assert grad is not None and grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------- context cell at h0 = 0
 @pytest.mark.parametrize("hidden", [8, 32, 48])
 def test_zero_state_cell_equals_grucell_with_no_state(hidden):

@@ -98,9 +98,11 @@ def cayley_weight(projector: nn.Module) -> torch.Tensor | None:
     x = chain.original
     if x.dim() != 2 or x.is_complex():
         return None
-    if x.shape[0] < x.shape[1]:  # wide: torch parametrises the transpose
-        return _CayleyColumns.apply(x.mT, base).mT
-    return _CayleyColumns.apply(x, base)
+    # in the parameter's precision: the hand-written backward assumes one dtype (F.linear casts W_p under autocast)
+    with torch.autocast(x.device.type, enabled=False):
+        if x.shape[0] < x.shape[1]:  # wide: torch parametrises the transpose
+            return _CayleyColumns.apply(x.mT, base).mT
+        return _CayleyColumns.apply(x, base)
 
 
 _NORM_EPS = 1e-12  # F.normalize's default
