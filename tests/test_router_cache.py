@@ -1,10 +1,13 @@
-"""Issue 13: the SPECTRA router's per-forward W_p cache and the context cell's zero state.
+"""Issue 13: the SPECTRA router without its known waste — same values, less work.
 
-The orthogonal projector W_p (a Cayley solve for ``projector_ortho='param'``) is computed once per model
-call and shared by every MoE layer (`SpectraRouter.forward_projector_weight`); these tests check that the
-cache changes no value and no gradient (with and without non-reentrant activation checkpointing), that it
-really computes W_p once, and that it is never stale: after an optimizer step, an in-place change, across
-eval calls, between autograd modes, and after its graph was spent by a backward.
+* The orthogonal projector W_p (a Cayley solve for ``projector_ortho='param'``) is computed once per model
+  call and shared by every MoE layer (`SpectraRouter.forward_projector_weight`): the cache changes no value
+  and no gradient (with and without non-reentrant activation checkpointing), really computes W_p once, and
+  is never stale (after an optimizer step, an in-place change, across eval calls and autograd modes, after
+  its graph was spent by a backward); its Cayley evaluation (`cayley_weight`) is torch's parametrisation.
+* The context cell at h0 = 0 skips the recurrent matmul (`gru_cell_from_zero`) with GRUCell's values.
+* The sync-free (CUDA) routing path, forced on CPU: no host read of a device value per layer
+  (`HostReads` records them), the same assignments and statistics as the CPU path.
 """
 
 from __future__ import annotations
