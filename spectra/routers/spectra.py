@@ -71,7 +71,7 @@ class _CayleyColumns(torch.autograd.Function):
         m.mul_(-0.5).diagonal().add_(1.0)  # M = I − A/2
         rhs = -m[:, :k]
         rhs.diagonal().add_(2.0)  # (I + A/2)[:, :k]
-        lu, pivots = torch.linalg.lu_factor(m)
+        lu, pivots, _ = torch.linalg.lu_factor_ex(m)  # I − A/2 (A skew) is never singular: no check, no sync
         q = torch.linalg.lu_solve(lu, pivots, rhs)
         ctx.save_for_backward(lu, pivots, q, base)
         return base @ q
@@ -126,8 +126,8 @@ class _CosineAndMean(torch.autograd.Function):
     materialising r̂, p̂ or their products as [N, E, R] tensors. With ``ρ = 1/max(|r|, eps)`` and
     ``π = 1/max(|p|, eps)`` per (n, e), ``S = (r·p) ρ π`` and
 
-        ∂L/∂r = g_S ρπ · p − g_S S ρ² · r                                  (the second term only where |r| ≥ eps)
-        ∂L/∂p = g_S ρπ · r − (g_S S π² + c π³ (ḡ·p)) · p + c π · ḡ          (c = mask / count, ḡ = ∂L/∂mean)
+        ∂L/∂r = g_S ρπ · p − g_S S ρ² · r                          (the second term only where |r| ≥ eps)
+        ∂L/∂p = g_S ρπ · r − (g_S S π² + c π³ (ḡ·p)) · p + c π · ḡ  (c = mask / count, ḡ = ∂L/∂mean)
 
     so forward saves only the [N, E] scalars (norms, S), and both directions make one pass over token
     chunks (`_chunk_rows`) instead of renormalising r and p.
