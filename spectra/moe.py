@@ -22,7 +22,7 @@ from .config import MoEConfig
 from .experts import GroupedExperts, group_experts
 from .metrics import routing_entropy_tensor
 from .routers import Router, RoutingCall, build_router, capacity_keep
-from .routers.base import ReentrantCheckpointError, masked_mean
+from .routers.base import ReentrantCheckpointError, load_counts, masked_mean
 
 
 class NonFiniteInputError(FloatingPointError):
@@ -235,25 +235,37 @@ def route_tokens(router: Router, cfg: MoEConfig, call: RoutingCall, x: torch.Ten
             "(the transformers default), or torch.utils.checkpoint.checkpoint(..., use_reentrant=False).")
     out = router(x, call)
     ctx.mark_routed(call.layer_idx)
+    sync_free = router.use_sync_free(x)  # CUDA: no host read per layer (the padding compaction below aside)
     tok, exp, w = out.token_index, out.expert_index, out.weight
     keep = mask[tok] if mask is not None else None
-    real_assigned = int(keep.sum()) if keep is not None else exp.numel()
+    real_assigned = exp.numel() if keep is None else (keep.sum() if sync_free else int(keep.sum()))
     if cfg.capacity_factor is not None and router.block_capacity and (training or cfg.capacity_in_eval):
-        n_real = int(mask.sum()) if mask is not None else n
+        n_real = n if mask is None else (ctx.real_tokens(mask) if sync_free else int(mask.sum()))
         capacity = math.ceil(cfg.capacity_factor * n_real * cfg.top_k / cfg.num_experts)
         cap_keep = capacity_keep(exp if keep is None else exp.masked_fill(~keep, 0), capacity, cfg.num_experts,
                                  priority=None if keep is None else keep.float())
         keep = cap_keep if keep is None else (keep & cap_keep)
     if keep is not None:
-        tok, exp, w = tok[keep], exp[keep], w[keep]
+        if sync_free:  # one host read per padded layer (the compaction's size) instead of one per index
+            kept = keep.nonzero().squeeze(1)
+            tok, exp, w = tok[kept], exp[kept], w[kept]
+        else:
+            tok, exp, w = tok[keep], exp[keep], w[keep]
 
     losses = out.losses
     router_loss = torch.stack(list(losses.values())).sum() if losses else x.new_zeros((), dtype=torch.float32)
-    counts = torch.bincount(exp, minlength=cfg.num_experts).float()
+    if sync_free:
+        counts = load_counts(exp, cfg.num_experts, sync_free=True)
+        num_tokens = mask.sum().float() if mask is not None else torch.full((), float(n), device=x.device)
+        dropped = 1.0 - exp.numel() / torch.as_tensor(real_assigned, dtype=torch.float32, device=x.device).clamp_min(1)
+    else:
+        counts = torch.bincount(exp, minlength=cfg.num_experts).float()
+        num_tokens = torch.tensor(float(mask.sum()) if mask is not None else float(n))
+        dropped = torch.tensor(1.0 - exp.numel() / max(1, real_assigned))
     stats = {
         "tokens_per_expert": counts,
-        "num_tokens": torch.tensor(float(mask.sum()) if mask is not None else float(n)),
-        "dropped_fraction": torch.tensor(1.0 - exp.numel() / max(1, real_assigned)),
+        "num_tokens": num_tokens,
+        "dropped_fraction": dropped,
         "router_probs_mean": masked_mean(out.probs.detach().float(), mask),
         "routing_entropy": routing_entropy_tensor(out.probs, mask),
         **out.stats,

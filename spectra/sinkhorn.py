@@ -28,6 +28,7 @@ def log_sinkhorn(
     epsilon: float,
     iters: int,
     mask: torch.Tensor | None = None,
+    num_valid: int | None = None,
 ) -> SinkhornResult:
     """Balanced entropic transport of N tokens onto E experts.
 
@@ -36,6 +37,8 @@ def log_sinkhorn(
         epsilon: temperature ε > 0.
         iters: number of (row, column) scaling rounds; error falls as it grows.
         mask: [N] bool, True for real tokens (None = all real).
+        num_valid: ``mask.sum()`` when the caller knows it (a host read of the mask per call otherwise,
+            a synchronisation on CUDA).
 
     Each round updates the dual potentials (f, g) of
     ``log P = −C/ε + f 1ᵀ + 1 gᵀ``:  ``f = −LSE_e(−C/ε + g)`` (rows → 1), then
@@ -56,8 +59,9 @@ def log_sinkhorn(
     logits = -cost.float() / epsilon
     if mask is None:
         mask = torch.ones(n, dtype=torch.bool, device=cost.device)
+        num_valid = n
     valid = mask.bool()[:, None]
-    n_valid = int(valid.sum())
+    n_valid = int(valid.sum()) if num_valid is None else num_valid
     neg_inf = torch.tensor(float("-inf"), device=cost.device)
     if n_valid == 0:
         zeros = torch.zeros_like(logits)
@@ -74,7 +78,7 @@ def log_sinkhorn(
     plan = torch.where(valid, (logits + f + g).exp(), 0.0)
     row_log_plan = (logits + g).log_softmax(-1)
     with torch.no_grad():
-        row_error = (plan[valid[:, 0]].sum(1) - 1).abs().max()
+        row_error = torch.where(valid[:, 0], (plan.sum(1) - 1).abs(), 0.0).max()  # over valid rows
         col_error = ((plan.sum(0) - n_valid / e).abs() / (n_valid / e)).max()
     potential = (g - g.mean()).reshape(e)
     return SinkhornResult(plan, log_plan, row_error, col_error, potential, row_log_plan)

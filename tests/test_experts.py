@@ -345,15 +345,19 @@ def test_activation_registry_matches_modules():
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("expanded", [False, True])
-def test_fused_cosine_and_mean_matches_reference(masked, expanded):
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_fused_cosine_and_mean_matches_reference(masked, expanded, chunk, monkeypatch):
     """The SPECTRA router's fused S = cos(r, p) / mean p̂ (`cosine_and_mean`) against the unfused formula."""
     import torch.nn.functional as F
 
+    import spectra.routers.spectra as module
     from spectra.routers.base import masked_mean
     from spectra.routers.spectra import cosine_and_mean
 
+    if chunk is not None:  # several token chunks (and a short last one)
+        monkeypatch.setattr(module, "_chunk_rows", lambda t: chunk)
     torch.manual_seed(0)
-    n, e, r_dim = 700, 4, 80  # several token chunks
+    n, e, r_dim = 700, 4, 80
     mask = torch.rand(n) > 0.3 if masked else None
     r = torch.randn(n, e, r_dim, dtype=torch.float64, requires_grad=True)
     if expanded:  # no_expression / batch-mean ablation: p is an expanded view

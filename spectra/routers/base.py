@@ -68,6 +68,7 @@ class RoutingContext:
         self.expression_override: str | None = None  # "batch_mean": the post-hoc expression ablation
         self.model_grad_enabled: bool | None = None  # autograd mode of the enclosing model call (None: standalone)
         self.last_layer = -1  # highest MoE layer routed since the last begin_forward
+        self._real_tokens: tuple[torch.Tensor, tuple, int] | None = None  # (mask, key, its count) of this call
 
     def begin_forward(
         self,
@@ -91,6 +92,15 @@ class RoutingContext:
             self.seq_states = {}
         self.losses = {}
         self.stats = {}
+        self._real_tokens = None
+
+    def real_tokens(self, mask: torch.Tensor) -> int:
+        """``int(mask.sum())``, read from the device once per forward call (every layer of a call gets the
+        same padding mask): the one host synchronisation of a padded call's routing."""
+        key = (mask.data_ptr(), mask.shape, mask.stride(), mask.dtype, mask._version)  # each layer's view of it
+        if self._real_tokens is None or self._real_tokens[1] != key:
+            self._real_tokens = (mask, key, int(mask.sum()))  # holding the mask: its address is not reused
+        return self._real_tokens[2]
 
     def begin_if_new_call(self, layer_idx: int) -> None:
         """Start a new forward call when MoE layer `layer_idx` was already routed in the current one.
@@ -164,6 +174,29 @@ class Router(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("load_ema", torch.full((config.num_experts,), 1.0 / config.num_experts))
 
+    #: keep every per-layer value on the device (no host read of a device tensor per layer call); None: on
+    #: CUDA, where such a read synchronises with the host. True forces it on CPU (how the tests check it).
+    sync_free: bool | None = None
+
+    def use_sync_free(self, x: torch.Tensor) -> bool:
+        """Whether routing `x` takes the sync-free path (see `sync_free`)."""
+        return x.is_cuda if self.sync_free is None else bool(self.sync_free)
+
+    #: buffers read through `host_buffer` by `route`; refreshed by `update_state` (which synchronises anyway)
+    host_mirrored: tuple[str, ...] = ("num_updates",)
+
+    def host_buffer(self, name: str) -> list | int | float:
+        """Buffer `name` as host values (``tolist()``), read from the device once per change of the buffer
+        (its storage and in-place version counter), not once per layer call: the per-step counters and EMAs
+        change once per optimizer step, so the routing of a forward reads none of them from a CUDA device."""
+        t = getattr(self, name)
+        key = (t.data_ptr(), t._version, t.device, t.shape)
+        mirror = self.__dict__.setdefault("_host_mirror", {})
+        hit = mirror.get(name)
+        if hit is None or hit[0] != key:
+            hit = mirror[name] = (key, t.tolist())
+        return hit[1]
+
     def forward(self, x: torch.Tensor, call: RoutingCall) -> RouterOutput:  # noqa: D401
         if x.dim() != 2 or x.shape[-1] != self.config.hidden_size:
             raise ValueError(
@@ -210,6 +243,8 @@ class Router(nn.Module):
         self.load_ema.mul_(decay).add_((1 - decay) * counts / total)
         self.num_updates += 1
         self._update_extra_state(stats, counts)
+        for name in self.host_mirrored:  # read here, so that the next forward reads nothing from the device
+            self.host_buffer(name)
 
     def _update_extra_state(self, stats: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
         """Router-specific running state from the (globally reduced) step sums `stats`."""
@@ -233,7 +268,7 @@ class Router(nn.Module):
     def loss_scale(self) -> float:
         """Linear warm-up of the router losses, counted in optimizer steps."""
         warm = self.config.loss_warmup_steps
-        return 1.0 if warm <= 0 else min(1.0, float(self.num_updates) / warm)
+        return 1.0 if warm <= 0 else min(1.0, float(self.host_buffer("num_updates")) / warm)
 
     def extra_repr(self) -> str:
         return f"router={self.config.router}, E={self.num_experts}, k={self.top_k}, causal={self.causal}"
@@ -248,8 +283,16 @@ def topk_assignment(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
 
 
 def load_counts(expert_index: torch.Tensor, num_experts: int, token_index: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Tokens per expert (float), counting only assignments of real tokens."""
+                mask: torch.Tensor | None = None, sync_free: bool = False) -> torch.Tensor:
+    """Tokens per expert (float), counting only assignments of real tokens.
+
+    ``sync_free``: the same counts by a scatter-add of the assignments' mask (``bincount`` and boolean
+    indexing size their output from device values: a host synchronisation on CUDA)."""
+    if sync_free:
+        ones = (mask[token_index].float() if mask is not None and token_index is not None
+                else torch.ones(expert_index.shape, device=expert_index.device))
+        return torch.zeros(num_experts, device=expert_index.device).index_add_(0, expert_index.reshape(-1),
+                                                                             ones.reshape(-1))
     if mask is not None and token_index is not None:
         expert_index = expert_index[mask[token_index]]
     return torch.bincount(expert_index, minlength=num_experts).float()

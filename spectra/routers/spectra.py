@@ -3,6 +3,7 @@ similarity, expert Gram matrix, OSR cost, Sinkhorn in training, causal softmax a
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -48,75 +49,151 @@ class _QR(nn.Module):
         return q if tall else q.t()
 
 
+class _CayleyColumns(torch.autograd.Function):
+    """``W = base · Cayley(A)[:, :k]`` for a tall X (n × k, n ≥ k): the value of torch's
+    ``parametrizations.orthogonal(orthogonal_map="cayley")`` (with its trivialisation ``base``), where
+    ``S = [tril(X), 0]`` (n × n), ``A = S − Sᵀ`` and ``Cayley(A) = (I − A/2)⁻¹ (I + A/2)`` (§1.2).
+
+    torch solves for all n columns of Cayley(A) and slices k of them, and its backward goes through the
+    n × n solve, the slice, the padding and the transposes; here forward solves for the k used columns
+    (right-hand side ``(I + A/2)[:, :k] = 2 I[:, :k] − M[:, :k]``, M = I − A/2) and backward uses the
+    closed form ``g_B = M⁻ᵀ baseᵀ g_W``, ``g_M = −g_B Qᵀ``, ``g_A = −g_M/2 + [g_B, 0]/2``,
+    ``g_X = tril((g_A − g_Aᵀ)[:, :k])``, computing only the blocks of g_A it needs.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        n, k = x.shape
+        low = x.tril()
+        m = x.new_zeros(n, n)
+        m[:, :k] = low
+        m[:k, :] -= low.t()  # A = S − Sᵀ
+        m.mul_(-0.5).diagonal().add_(1.0)  # M = I − A/2
+        rhs = -m[:, :k]
+        rhs.diagonal().add_(2.0)  # (I + A/2)[:, :k]
+        lu, pivots, _ = torch.linalg.lu_factor_ex(m)  # I − A/2 (A skew) is never singular: no check, no sync
+        q = torch.linalg.lu_solve(lu, pivots, rhs)
+        ctx.save_for_backward(lu, pivots, q, base)
+        return base @ q
+
+    @staticmethod
+    def backward(ctx, grad_w: torch.Tensor):
+        lu, pivots, q, base = ctx.saved_tensors
+        k = q.shape[1]
+        g_b = torch.linalg.lu_solve(lu, pivots, base.t() @ grad_w, adjoint=True)
+        g_a_cols = (g_b @ q[:k].t()).add_(g_b).mul_(0.5)  # g_A[:, :k]
+        g_a_rows = (g_b[:k] @ q.t()).mul_(0.5)  # g_A[:k, :]
+        g_a_rows[:, :k].add_(g_b[:k], alpha=0.5)
+        return (g_a_cols - g_a_rows.t()).tril(), None
+
+
+def cayley_weight(projector: nn.Module) -> torch.Tensor | None:
+    """The Cayley-parametrised weight of `projector` by `_CayleyColumns` (the value of ``projector.weight``),
+    or None when its parametrisation is not torch's real Cayley map with a trivialisation base."""
+    chain = projector.parametrizations.weight
+    orth = chain[0]
+    base = getattr(orth, "base", None)
+    if len(chain) != 1 or getattr(getattr(orth, "orthogonal_map", None), "name", None) != "cayley" or base is None:
+        return None
+    x = chain.original
+    if x.dim() != 2 or x.is_complex():
+        return None
+    # in the parameter's precision: the hand-written backward assumes one dtype (F.linear casts W_p under autocast)
+    with torch.autocast(x.device.type, enabled=False):
+        if x.shape[0] < x.shape[1]:  # wide: torch parametrises the transpose
+            return _CayleyColumns.apply(x.mT, base).mT
+        return _CayleyColumns.apply(x, base)
+
+
 _NORM_EPS = 1e-12  # F.normalize's default
 #: router -> (key, W_p) of the current forward call (outside the module, so deepcopy/pickle never see it)
 _WEIGHT_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
+def _release_weight(router_ref: weakref.ref, weight_ref: weakref.ref, grad: torch.Tensor) -> None:
+    """Gradient hook of a cached W_p: its graph is spent, drop the entry (if it is still this W_p)."""
+    router = router_ref()
+    cached = _WEIGHT_CACHE.get(router) if router is not None else None
+    if cached is not None and cached[1] is weight_ref():
+        del _WEIGHT_CACHE[router]
+
+
 class _CosineAndMean(torch.autograd.Function):
-    """``S[n,e] = cos(r[n,e], p[n,e])`` and ``masked_mean_n p̂[n]`` in one pass over token chunks.
+    """``S[n,e] = cos(r[n,e], p[n,e])`` (§1.3) and ``masked_mean_n p̂[n]`` (§1.4) with a closed-form backward.
 
     Equal (to float rounding) to ``p̂ = F.normalize(p, dim=-1); S = (F.normalize(r, dim=-1) * p̂).sum(-1);
-    masked_mean(p̂, mask)``, gradients included (the clamp of the norm at F.normalize's eps too), but
-    without materialising r̂, p̂ and their products as [N, E, R] tensors in forward and backward: those
-    are fresh 4·N·E·R-byte allocations, which made the similarity alone cost ~6% of a D=768 block.
+    masked_mean(p̂, mask)``, gradients included (the clamp of the norm at F.normalize's eps too), without
+    materialising r̂, p̂ or their products as [N, E, R] tensors. With ``ρ = 1/max(|r|, eps)`` and
+    ``π = 1/max(|p|, eps)`` per (n, e), ``S = (r·p) ρ π`` and
+
+        ∂L/∂r = g_S ρπ · p − g_S S ρ² · r                          (the second term only where |r| ≥ eps)
+        ∂L/∂p = g_S ρπ · r − (g_S S π² + c π³ (ḡ·p)) · p + c π · ḡ  (c = mask / count, ḡ = ∂L/∂mean)
+
+    so forward saves only the [N, E] scalars (norms, S), and both directions make one pass over token
+    chunks (`_chunk_rows`) instead of renormalising r and p.
     """
 
     @staticmethod
     def forward(ctx, r, p, mask, with_mean):
         n = r.shape[0]
         step = _chunk_rows(r)
-        s = r.new_empty(r.shape[:-1])
+        r_norm, p_norm, s = (r.new_empty(r.shape[:-1]) for _ in range(3))
         total = r.new_zeros(r.shape[1:]) if with_mean else None
-        for a in range(0, n, step):
-            rc, pc = r[a:a + step], p[a:a + step]
-            rinv = rc.norm(dim=-1).clamp_min_(_NORM_EPS).reciprocal_()
-            pinv = pc.norm(dim=-1).clamp_min_(_NORM_EPS).reciprocal_()
-            torch.mul((rc * pc).sum(-1), rinv * pinv, out=s[a:a + step])
+        for a in range(0, n, step):  # each chunk of r and p is read from memory once
+            rows = slice(a, a + step)
+            rc, pc = r[rows], p[rows]
+            torch.linalg.vector_norm(rc, dim=-1, out=r_norm[rows])
+            torch.linalg.vector_norm(pc, dim=-1, out=p_norm[rows])
+            torch.linalg.vecdot(rc, pc, out=s[rows])
             if with_mean:
-                if mask is not None:
-                    pinv = pinv * mask[a:a + step, None]
-                total += (pc * pinv.unsqueeze(-1)).sum(0)
+                weight = p_norm[rows].clamp_min(_NORM_EPS).reciprocal_()
+                total += torch.einsum("ne,ner->er", weight if mask is None else weight * mask[rows, None], pc)
+        r_inv, p_inv = r_norm.clamp_min(_NORM_EPS).reciprocal_(), p_norm.clamp_min(_NORM_EPS).reciprocal_()
+        s.mul_(r_inv).mul_(p_inv)
         count = None
         if with_mean:
             count = float(n) if mask is None else mask.sum().clamp_min(1.0)
             total = total / count
-        ctx.save_for_backward(r, p, mask)
+        ctx.save_for_backward(r, p, mask, s, r_inv, p_inv, r_norm >= _NORM_EPS, p_norm >= _NORM_EPS)
         ctx.count, ctx.step = count, step
         return s, total
 
     @staticmethod
     def backward(ctx, grad_s, grad_mean):
-        r, p, mask = ctx.saved_tensors
-        step = ctx.step
-        n = r.shape[0]
-        gr = torch.empty_like(r) if ctx.needs_input_grad[0] else None
-        gp = torch.empty_like(p) if ctx.needs_input_grad[1] else None
+        r, p, mask, s, r_inv, p_inv, r_live, p_live = ctx.saved_tensors
+        n, step = r.shape[0], ctx.step
         if grad_s is None:
-            grad_s = r.new_zeros(r.shape[:-1])
-        gmean = grad_mean / ctx.count if grad_mean is not None else None
-        for a in range(0, n, step):
-            rc, pc, gs = r[a:a + step], p[a:a + step], grad_s[a:a + step].unsqueeze(-1)
-            rnorm, pnorm = rc.norm(dim=-1, keepdim=True), pc.norm(dim=-1, keepdim=True)
-            rinv = rnorm.clamp_min(_NORM_EPS).reciprocal_()
-            pinv = pnorm.clamp_min(_NORM_EPS).reciprocal_()
-            rh, ph = rc * rinv, pc * pinv
-            if gr is not None:  # d r̂ = gs·p̂; d r = (d r̂ − r̂ (d r̂·r̂)) / |r|  (no projection where |r| < eps)
-                g_hat = gs * ph
-                proj = (g_hat * rh).sum(-1, keepdim=True) * (rnorm >= _NORM_EPS)
-                torch.mul(g_hat.sub_(rh * proj), rinv, out=gr[a:a + step])
-            if gp is not None:
-                g_hat = gs * rh
-                if gmean is not None:
-                    g_hat = g_hat + (gmean if mask is None else gmean * mask[a:a + step, None, None])
-                proj = (g_hat * ph).sum(-1, keepdim=True) * (pnorm >= _NORM_EPS)
-                torch.mul(g_hat.sub_(ph * proj), pinv, out=gp[a:a + step])
+            grad_s = torch.zeros_like(s)
+        both = grad_s * r_inv * p_inv  # the coefficient of p in ∂L/∂r and of r in ∂L/∂p
+        own_r = grad_s * s * r_inv.square() * r_live  # minus the coefficient of r in ∂L/∂r
+        own_p = grad_s * s * p_inv.square()  # minus the coefficient of p in ∂L/∂p (without the mean's part)
+        mean_coef = None
+        if grad_mean is not None:
+            mean_coef = p_inv / ctx.count if mask is None else p_inv * mask[:, None] / ctx.count
+        want_r, want_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gr = torch.empty_like(r) if want_r else None
+        gp = torch.empty_like(p) if want_p else None
+        for a in range(0, n, step):  # both gradients of a chunk while it is in cache
+            rows = slice(a, a + step)
+            rc, pc, b = r[rows], p[rows], both[rows, :, None]
+            if want_r:
+                torch.mul(pc, b, out=gr[rows]).addcmul_(rc, own_r[rows, :, None], value=-1)
+            if want_p:
+                own = own_p[rows]
+                if mean_coef is not None:
+                    own = own + mean_coef[rows] * p_inv[rows].square() * torch.einsum("ner,er->ne", pc, grad_mean)
+                g = torch.mul(rc, b, out=gp[rows]).addcmul_(pc, (own * p_live[rows]).unsqueeze(-1), value=-1)
+                if mean_coef is not None:
+                    g.addcmul_(mean_coef[rows, :, None], grad_mean)
         return gr, gp, None, None
 
 
 def _chunk_rows(t: torch.Tensor) -> int:
-    """Tokens per chunk: about 2**18 elements (1 MiB of fp32), so a chunk's temporaries stay in cache."""
-    return max(1, (1 << 18) // max(1, t[0].numel()))
+    """Tokens per chunk: about 2**22 elements (16 MiB of fp32), which bounds the temporaries. Measured on
+    `_CosineAndMean` forward + backward (N, E, R) = (8192, 8, 128), 1 thread: 2**18 → 60 ms, 2**22 → 54 ms
+    (2 threads: 81 → 62 ms for no chunks); each op on each chunk is a parallel region, whose start-up costs
+    more than the cache misses of bigger chunks."""
+    return max(1, (1 << 22) // max(1, t[0].numel()))
 
 
 def cosine_and_mean(r: torch.Tensor, p: torch.Tensor, mask: torch.Tensor | None,
@@ -124,6 +201,36 @@ def cosine_and_mean(r: torch.Tensor, p: torch.Tensor, mask: torch.Tensor | None,
     """(S = cos(r, p) over the last dim [N, E], masked_mean_n p̂ [E, R] or None). See `_CosineAndMean`."""
     m = None if mask is None else mask.to(r.dtype)
     return _CosineAndMean.apply(r, p, m, with_mean)
+
+
+class _ZeroStateGates(torch.autograd.Function):
+    """The recurrent gate pre-activations of a GRU cell at ``h = 0``: ``W_hh·0 + b_hh = b_hh`` (a [3H]
+    vector broadcast over the tokens), without the [N, H] × [H, 3H] product of zeros. W_hh gets the exact
+    zero gradient that product would give it, so an optimizer (AdamW's decay, DDP's bucket of used
+    parameters) sees the same thing as with ``GRUCell(x, None)``."""
+
+    @staticmethod
+    def forward(ctx, w_hh: torch.Tensor, b_hh: torch.Tensor) -> torch.Tensor:
+        ctx.w_shape = w_hh.shape
+        return b_hh.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.new_zeros(ctx.w_shape), grad
+
+
+def gru_cell_from_zero(cell: nn.GRUCell, x: torch.Tensor) -> torch.Tensor:
+    """``cell(x, h = 0)`` (the context cell at the first MoE layer, §1.1, ``h_0 = 0``) without the
+    recurrent matmul: with ``h = 0`` the recurrent gates are the bias b_hh, so
+    ``r = σ(W_ir x + b_ir + b_hr)``, ``z = σ(W_iz x + b_iz + b_hz)``, ``n = tanh(W_in x + b_in + r ⊙ b_hn)``
+    and ``h' = (1 − z) ⊙ n + z ⊙ 0``, in ATen's order of operations (the same values as ``cell(x, None)``)."""
+    if cell.bias_hh is None or x.dim() != 2:
+        return cell(x, None)
+    i_r, i_z, i_n = F.linear(x, cell.weight_ih, cell.bias_ih).chunk(3, dim=-1)
+    h_r, h_z, h_n = _ZeroStateGates.apply(cell.weight_hh, cell.bias_hh).chunk(3)
+    reset, update = torch.sigmoid(h_r + i_r), torch.sigmoid(h_z + i_z)
+    new = torch.tanh(i_n + h_n * reset)
+    return new - new * update  # ATen: (h − n) ⊙ z + n with h = 0
 
 
 class SpectraRouter(Router):
@@ -136,6 +243,10 @@ class SpectraRouter(Router):
     * training: top-k of the Sinkhorn plan Q (§1.6–1.7); inference: top-k of softmax(−C/ε);
     * losses ``λ_ent · mean_n H(Q_n) + λ_ortho · ‖G − I‖_F²`` (§1.8).
     """
+
+    #: W_p computed once per forward call and shared by its MoE layers (`forward_projector_weight`)
+    share_projector_weight: bool = True
+    host_mirrored = ("num_updates", "ebar_steps", "potential_steps")
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
@@ -183,7 +294,7 @@ class SpectraRouter(Router):
         if prev is not None and prev.shape[0] != x.shape[0]:
             prev = None
         if self.config.context == "depth":
-            h = self.cell(x, prev)
+            h = self.cell(x, prev) if prev is not None else gru_cell_from_zero(self.cell, x)
         else:  # causal GRU over the sequence, plus the previous layer's per-token state
             if call.batch_shape is None:
                 raise ValueError("context='token' needs the (batch, seq) shape of the tokens; call the router through MoEBlock.")
@@ -221,7 +332,7 @@ class SpectraRouter(Router):
     def inference_potential(self, layer: int) -> torch.Tensor | None:
         """ḡ_ℓ, the bias-corrected running mean of layer ℓ's centred Sinkhorn column potentials, or None
         before any training step (§1.7, balanced inference)."""
-        steps = int(self.potential_steps[layer])
+        steps = int(self.host_buffer("potential_steps")[layer])
         if steps == 0:
             return None
         return self.potential_acc[layer] / (1.0 - self.config.ema_decay ** steps)
@@ -234,7 +345,7 @@ class SpectraRouter(Router):
         if self.training:
             ebar = F.normalize(masked_mean(p_hat, mask) if p_hat_mean is None else p_hat_mean, dim=-1)
             return ebar @ ebar.t(), ebar
-        if int(self.ebar_steps[layer]) > 0:
+        if int(self.host_buffer("ebar_steps")[layer]) > 0:
             ebar = self.ebar_ema[layer].to(p_hat.dtype)
             return ebar @ ebar.t(), ebar
         return torch.eye(e, device=p_hat.device, dtype=p_hat.dtype), None
@@ -258,6 +369,7 @@ class SpectraRouter(Router):
         x = x.to(dtype)  # routing in the router's precision (fp32), whatever the activations
         mask = call.mask
         n = x.shape[0]
+        sync_free = self.use_sync_free(x)
         r = self._context(x, call).view(n, self.num_experts, self.router_dim)
         p = self.expression(x, mask)
         # S = cos(r, p) [N, E] and masked_mean_n p̂ (for Ē) in one fused pass (= F.normalize, product, sum)
@@ -274,7 +386,8 @@ class SpectraRouter(Router):
         losses: dict[str, torch.Tensor] = {}
         state_update: dict[str, torch.Tensor] = {}
         if self.training and cfg.use_sinkhorn:
-            sk = log_sinkhorn(c, cfg.sinkhorn_epsilon, cfg.sinkhorn_iters, mask)
+            real = self.ctx.real_tokens(mask) if sync_free and mask is not None else None
+            sk = log_sinkhorn(c, cfg.sinkhorn_epsilon, cfg.sinkhorn_iters, mask, num_valid=real)
             log_q = sk.row_log_plan  # row-normalised plan Q = softmax(−C/ε + g): finite on padding rows too
             stats.update(sinkhorn_row_error=sk.row_error, sinkhorn_col_error=sk.col_error)
             state_update["potential"] = sk.col_potential.detach()
@@ -314,7 +427,7 @@ class SpectraRouter(Router):
             state_update["ebar_sum"] = (p_hat_mean * n_real).detach()  # Σ_n p̂ over real tokens
             state_update["tokens"] = n_real.detach().reshape(1)
             state_update["layer"] = torch.tensor(layer)
-        state_update["counts"] = load_counts(expert_index, self.num_experts, token_index, mask)
+        state_update["counts"] = load_counts(expert_index, self.num_experts, token_index, mask, sync_free)
         return RouterOutput(token_index, expert_index, weight.reshape(n, k).t().reshape(-1), probs, topk_index,
                             losses, stats, state_update)
 
@@ -358,25 +471,39 @@ class SpectraRouter(Router):
         return None if self.config.expression == "learned" else self.projector.weight
 
     def forward_projector_weight(self) -> torch.Tensor:
-        """W_p for this forward call, computed once and shared by every MoE layer of the call.
+        """W_p (§1.2) for this forward call, computed once and shared by every MoE layer of the call.
 
         A parametrised projector (``param``: Cayley map, ``ns``, ``qr``) recomputes W_p from its
-        unconstrained parameter at every access — once per layer and again in backward. The cache is
-        keyed by the forward call, the autograd mode and the parameters' in-place version counters, so an
-        optimizer step or a new call always recomputes it. `prepare_forward` fills it before the first
-        layer (outside any activation-checkpointed segment, so a recomputation sees the same graph)."""
-        params = tuple(self.projector.parameters())
-        key = (self.ctx.forward_id, torch.is_grad_enabled(), tuple(p._version for p in params),
-               tuple(p.data_ptr() for p in params))
+        unconstrained parameter at every access — once per layer, and once more per layer when non-reentrant
+        activation checkpointing recomputes the layers in backward. The cache (one entry per router) is
+        keyed by the forward call (`RoutingContext.forward_id`), the module mode, the autograd mode
+        (grad / no_grad / inference_mode) and the in-place version counters and storages of the
+        projector's parameters and buffers, so a new call, an optimizer step, ``load_state_dict`` or an
+        assignment always recomputes it. It is dropped once autograd has computed W_p's gradient (its graph
+        is freed then), so a later call never differentiates through a freed graph. `prepare_forward` fills
+        it before the first layer, outside any checkpointed segment: a recomputation in backward reuses the
+        forward's W_p and its graph. The Cayley map is evaluated by `cayley_weight` (the same value as
+        ``self.projector.weight``, solving for the columns W_p uses). ``share_projector_weight = False``
+        turns the cache off (and evaluates torch's parametrisation at every access)."""
+        if not (self.share_projector_weight and parametrize.is_parametrized(self.projector)):
+            return self.projector.weight
+        tensors = (*self.projector.parameters(), *self.projector.buffers())
+        if any(t.is_inference() for t in tensors):  # inference tensors have no version counter: no cache
+            return self.projector.weight
+        key = (self.ctx.forward_id, self.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+               tuple(t._version for t in tensors), tuple(t.data_ptr() for t in tensors))
         cached = _WEIGHT_CACHE.get(self)
         if cached is not None and cached[0] == key:
             return cached[1]
-        weight = self.projector.weight
+        weight = cayley_weight(self.projector) if self.config.projector_ortho == "param" else None
+        weight = self.projector.weight if weight is None else weight
         _WEIGHT_CACHE[self] = (key, weight)
+        if weight.requires_grad:
+            weight.register_hook(functools.partial(_release_weight, weakref.ref(self), weakref.ref(weight)))
         return weight
 
     def prepare_forward(self) -> None:
-        """Called by the model's forward pre-hook after `RoutingContext.begin_forward`."""
+        """Called by the model's forward pre-hook after `RoutingContext.begin_forward`: W_p of this call."""
         _WEIGHT_CACHE.pop(self, None)
-        if self.config.expression == "projector" and parametrize.is_parametrized(self.projector):
+        if self.config.expression == "projector" and self.share_projector_weight:
             self.forward_projector_weight()

@@ -38,12 +38,12 @@ def combine_weights(selected: torch.Tensor, renormalise: bool, unit: bool) -> to
 
 
 def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, token_index: torch.Tensor,
-                        mask: torch.Tensor | None, num_experts: int) -> torch.Tensor:
+                        mask: torch.Tensor | None, num_experts: int, sync_free: bool = False) -> torch.Tensor:
     """Switch / HF load-balancing loss ``E · Σ_e f_e · P_e`` (1 at perfect balance).
 
     f_e: fraction of (real) token assignments sent to e; P_e: mean router probability of e.
     """
-    counts = load_counts(expert_index, num_experts, token_index, mask)
+    counts = load_counts(expert_index, num_experts, token_index, mask, sync_free)
     f = counts / counts.sum().clamp_min(1)
     return num_experts * (f * masked_mean(probs, mask)).sum()
 
@@ -96,10 +96,10 @@ class TopKRouter(Router):
             scale = self.loss_scale()
             if cfg.aux_loss_coef and self.aux_loss:
                 losses["load_balancing"] = scale * cfg.aux_loss_coef * load_balancing_loss(
-                    probs, expert_index, token_index, call.mask, self.num_experts)
+                    probs, expert_index, token_index, call.mask, self.num_experts, self.use_sync_free(x))
             if cfg.z_loss_coef:
                 losses["z"] = scale * cfg.z_loss_coef * masked_mean(torch.logsumexp(logits, -1).pow(2), call.mask)
-        counts = load_counts(expert_index, self.num_experts, token_index, call.mask)
+        counts = load_counts(expert_index, self.num_experts, token_index, call.mask, self.use_sync_free(x))
         return RouterOutput(token_index, expert_index, weight.t().reshape(-1), probs, topk_index, losses,
                             to_stats(**self.extra_stats()), {"counts": counts})
 
