@@ -17,10 +17,7 @@ from common import (enabled_variants, is_dense, load_params, paths, profile, sta
 from experiment import Data, run
 from train_group import upcycle_choice
 
-from spectra.config import BASELINES, CONTROLS  # noqa: E402
-
-#: routers that see future tokens: never "the strongest baseline" (spectra_artifact.analysis)
-NON_CAUSAL = ("expert_choice",)
+from spectra.config import BASELINES, CONTROLS, MoEConfig  # noqa: E402
 
 
 def strongest_baseline(params: dict, arm: str) -> tuple[str | None, dict[str, float]]:
@@ -28,8 +25,8 @@ def strongest_baseline(params: dict, arm: str) -> tuple[str | None, dict[str, fl
     p = paths(params)
     means = {}
     for v in enabled_variants(params, arm):
-        if v not in BASELINES or v in CONTROLS or v in NON_CAUSAL or is_dense(params, v):
-            continue
+        if v not in BASELINES or v in CONTROLS or is_dense(params, v) or not MoEConfig.from_variant(v).is_causal:
+            continue  # a router that sees future tokens (expert choice) is never the strongest baseline
         runs = sorted((p["runs"] / arm / v).glob("s*/metrics.json"))
         nll = [json.loads(r.read_text())["validation"]["nll"] for r in runs]
         if nll:

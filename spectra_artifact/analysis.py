@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from spectra import metrics
-from spectra.config import ABLATIONS, BASELINES, CONTROLS, MoEConfig
+from spectra.config import ABLATIONS, BASELINES, CONTROLS, VARIANTS, MoEConfig
 
 from . import stats as S
 from .evaluate import block_forward, mlp_modules  # noqa: F401  (mlp_modules: part of this API)
@@ -41,8 +41,8 @@ COMPARISON_BASELINES: tuple[str, ...] = ("dense", "dense_2x", *(b for b in BASEL
 #: Routers whose assignment is not learned (a fixed hash of the token id).
 FIXED_ROUTERS: tuple[str, ...] = ("hash",)
 #: Routers that look at future tokens of the sequence (not usable for causal decoding): listed in the tables but never
-#: "the strongest baseline" nor "the best learned router" of a claim.
-NON_CAUSAL: tuple[str, ...] = ("expert_choice",)
+#: "the strongest baseline" nor "the best learned router" of a claim. Read off the presets (`MoEConfig.is_causal`).
+NON_CAUSAL: tuple[str, ...] = tuple(v for v in VARIANTS if not MoEConfig.from_variant(v).is_causal)
 #: Row order of every table: the method family, the dense models, the routing baselines, the routing controls.
 VARIANT_ORDER: tuple[str, ...] = (*SPECTRA_FAMILY, *DENSE, *(b for b in BASELINES if b != "dense"), *CONTROLS)
 #: Plain-text display names (plots, CSV); `spectra_artifact.report` has its own LaTeX names.
@@ -700,11 +700,17 @@ def block_features(model: nn.Module, blocks: np.ndarray, batch_size: int | None 
 def text_features(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int, layer: int = -1) -> np.ndarray:
     """`spectra_artifact.evaluate.hidden_features` (mean-pooled hidden state `layer`: 0 the embeddings, -1 the last)
     with a pad token set (our BPE tokenizers have none)."""
-    from .evaluate import hidden_features
+    return text_features_at(model, tokenizer, texts, max_length, [layer])[layer]
+
+
+def text_features_at(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int,
+                     layers: Sequence[int]) -> dict[int, np.ndarray]:
+    """`text_features` of every index in `layers` from one forward (`evaluate.hidden_features_at`)."""
+    from .evaluate import hidden_features_at
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return hidden_features(model, tokenizer, list(texts), max_length=max_length, layer=layer)
+    return hidden_features_at(model, tokenizer, list(texts), layers, max_length=max_length)
 
 
 def probe(train_x: np.ndarray, train_y: Sequence[int], test_x: np.ndarray, test_y: Sequence[int]) -> float:
@@ -722,14 +728,23 @@ def probe_with_ci(train_x: np.ndarray, train_y: Sequence[int], test_x: np.ndarra
     return {"accuracy": acc, "low": low, "high": high, "n_test": n}
 
 
+def evenly_spaced(items: Iterable[int], most: int) -> list[int]:
+    """The distinct `items`, sorted: all of them when there are at most `most`, else `most` evenly spaced ones
+    (first and last kept). What a layer-wise probe reads and what a table shows of a deep model."""
+    if most < 2:
+        raise ValueError(f"evenly_spaced: most={most} must be >= 2 (the first and the last item are kept)")
+    xs = sorted({int(x) for x in items})
+    if len(xs) <= most:
+        return xs
+    return sorted({xs[round(i * (len(xs) - 1) / (most - 1))] for i in range(most)})
+
+
 def probe_layer_indices(num_layers: int, max_points: int = 7) -> list[int]:
     """The hidden states a layer-wise probe reads: 0 (embeddings) to `num_layers` (the last block's output), all
     of them when there are at most `max_points`, else `max_points` evenly spaced ones (first and last kept)."""
     if num_layers < 0 or max_points < 2:
         raise ValueError(f"probe_layer_indices: num_layers={num_layers} must be >= 0 and max_points={max_points} >= 2")
-    if num_layers + 1 <= max_points:
-        return list(range(num_layers + 1))
-    return sorted({round(i * num_layers / (max_points - 1)) for i in range(max_points)})
+    return evenly_spaced(range(num_layers + 1), max_points)
 
 
 #: A probe task: (training inputs, training labels, test inputs, test labels); inputs are token blocks [B, T]
@@ -741,17 +756,18 @@ def layer_probes(model: nn.Module, tokenizer: Any, tasks: Mapping[str, ProbeTask
                  max_length: int, level: float = 1 - ALPHA) -> list[dict[str, Any]]:
     """Linear probes (seed 004 §3.2) of mean-pooled hidden states at every index in `layers`, for each task: rows
     ``{probe, layer, accuracy, low, high, n_test}`` (Wilson interval at `level`). Token-block features come from
-    one cached forward (`block_features`); text features are recomputed per layer."""
-    def features(x: Any, layer: int) -> np.ndarray:
+    one cached forward (`block_features`), text features of all layers from one forward (`text_features_at`)."""
+    def features(x: Any) -> dict[int, np.ndarray]:
         if isinstance(x, np.ndarray):
-            return block_features(model, x, layer=layer)
-        return text_features(model, tokenizer, x, max_length, layer=layer)
+            return {int(layer): block_features(model, x, layer=layer) for layer in layers}
+        return text_features_at(model, tokenizer, x, max_length, layers)
 
     rows = []
     for name, (tr_x, tr_y, te_x, te_y) in tasks.items():
+        tr_f, te_f = features(tr_x), features(te_x)
         for layer in layers:
             rows.append({"probe": name, "layer": int(layer),
-                         **probe_with_ci(features(tr_x, layer), tr_y, features(te_x, layer), te_y, level)})
+                         **probe_with_ci(tr_f[int(layer)], tr_y, te_f[int(layer)], te_y, level)})
     return rows
 
 

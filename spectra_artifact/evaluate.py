@@ -331,7 +331,15 @@ def router_geometry(model: nn.Module) -> dict[str, Any]:
 
 def hidden_features(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int = 128,
                     batch_size: int | None = None, layer: int = -1) -> np.ndarray:
-    """Mean-pooled hidden states of `layer` for each text (features for linear probes).
+    """Mean-pooled hidden states of `layer` for each text (features for linear probes): one layer of
+    `hidden_features_at`."""
+    return hidden_features_at(model, tokenizer, texts, [layer], max_length, batch_size)[layer]
+
+
+def hidden_features_at(model: nn.Module, tokenizer: Any, texts: Sequence[str], layers: Sequence[int],
+                       max_length: int = 128, batch_size: int | None = None) -> dict[int, np.ndarray]:
+    """{layer: mean-pooled hidden states [len(texts), D]} of every index in `layers` (0 the embeddings, -1 the
+    last), all from one forward per batch.
 
     One tokenisation of all texts; the forwards run under ``torch.inference_mode``, on texts batched
     by length (less padding; each text's features do not depend on its batch-mates in a causal model,
@@ -339,9 +347,9 @@ def hidden_features(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_
     position only."""
     from spectra.upcycle import routers_of
 
-    texts = list(texts)
+    texts, layers = list(texts), list(dict.fromkeys(int(x) for x in layers))
     if not texts:
-        return np.zeros((0, 0), np.float32)
+        return {x: np.zeros((0, 0), np.float32) for x in layers}
     batch_size = batch_size or default_batch(model, max_length, full_logits=False)
     enc = tokenizer(texts, truncation=True, max_length=max_length)
     lengths = [len(ids) for ids in enc["input_ids"]]
@@ -350,21 +358,25 @@ def hidden_features(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_
     kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     was_training = model.training
     model.eval()
-    feats: list[np.ndarray] = []
+    feats: dict[int, list[np.ndarray]] = {x: [] for x in layers}
     try:
         with torch.inference_mode():
             for sl in _batches(len(order), batch_size):
                 ids, mask = _pad([enc["input_ids"][i] for i in order[sl]], tokenizer)
                 out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **kwargs)
-                h = out.hidden_states[layer].float()
                 m = mask.unsqueeze(-1).float()
-                feats.append(((h * m).sum(1) / m.sum(1).clamp_min(1)).numpy())
+                for x in layers:
+                    h = out.hidden_states[x].float()
+                    feats[x].append(((h * m).sum(1) / m.sum(1).clamp_min(1)).numpy())
     finally:
         model.train(was_training)
-    out_feats = np.concatenate(feats)
-    restored = np.empty_like(out_feats)
-    restored[np.asarray(order)] = out_feats
-    return restored
+    result = {}
+    for x in layers:
+        got = np.concatenate(feats[x])
+        restored = np.empty_like(got)
+        restored[np.asarray(order)] = got
+        result[x] = restored
+    return result
 
 
 def _pad(seqs: list[list[int]], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1399,13 +1399,9 @@ class Report:
         """The confidence level of every interval, in % (1 − ALPHA)."""
         return fmt_int(100 * (1 - self.A.ALPHA))
 
-    @staticmethod
-    def _shown_layers(layers: Sequence[int], most: int = 4) -> list[int]:
+    def _shown_layers(self, layers: Iterable[int], most: int = 4) -> list[int]:
         """At most `most` evenly spaced layers of a deep model for a table (first and last kept)."""
-        layers = sorted(set(int(x) for x in layers))
-        if len(layers) <= most:
-            return layers
-        return sorted({layers[round(i * (len(layers) - 1) / (most - 1))] for i in range(most)})
+        return self.A.evenly_spaced(layers, most)
 
     def build_specialisation_layers(self) -> None:
         """Table `specialization_layers` and \\SpecLayerClaim: the bias-corrected expert–domain MI per MoE layer with
@@ -1413,12 +1409,12 @@ class Report:
         each arm's (variant, layer) tests."""
         rows: list[Any] = []
         claims: list[str] = []
+        layers = self._shown_layers([r["layer"] for r in self.spec_layers])  # one set of columns for both arms
         for arm in ARMS:
             sub = [r for r in self.spec_layers if r["arm"] == arm]
             if not sub:
                 continue
             holm = self.A.S.holm({f"{r['variant']}/{int(r['layer'])}": r["p_perm"] for r in sub}, alpha=self.A.ALPHA)
-            layers = self._shown_layers([r["layer"] for r in sub])
             by = {(r["variant"], int(r["layer"])): r for r in sub}
             order = sorted({r["variant"] for r in sub}, key=self._order)
             if rows:
@@ -1439,11 +1435,14 @@ class Report:
             self.tables["specialization_layers"] = tabular("l", ["Specialisation per layer"], [["no MoE run with routing records"]])
             self.m("SpecLayerClaim", "No MoE run kept per-token routing records.")
             return
-        layers_all = self._shown_layers([r["layer"] for r in self.spec_layers])
-        header = ["Variant"] + [h for layer in layers_all for h in (f"MI$_{{\\mathrm{{bc}}}}$ L{layer} [{self._level()}\\% CI]", "NMI", "Purity")]
-        self.tables["specialization_layers"] = tabular("l" + "rrr" * len(layers_all), header, rows)
+        header = ["Variant"] + [h for layer in layers for h in (f"MI$_{{\\mathrm{{bc}}}}$ L{layer} [{self._level()}\\% CI]", "NMI", "Purity")]
+        self.tables["specialization_layers"] = tabular("l" + "rrr" * len(layers), header, rows)
         self.m("SpecLayerClaim", " ".join(c for c in claims if c))
-        self.m("SpecBootReps", fmt_int(self.spec_layers[0]["n_boot"]))
+        reps = {int(r["n_boot"]) for r in self.spec_layers}
+        if len(reps) != 1:
+            raise ReportError(f"specialization_layers.csv mixes bootstrap sizes {sorted(reps)}: rerun notebook 04 "
+                              "(`dvc repro 04_specialization_analysis`) so that every row uses one n_boot")
+        self.m("SpecBootReps", fmt_int(reps.pop()))
 
     def _spec_layer_claim(self, arm: str, sub: list[dict[str, Any]], by: dict[tuple[str, int], dict[str, Any]],
                           holm: dict[str, dict[str, Any]]) -> str:

@@ -166,3 +166,9 @@ def test_hidden_features_batched_by_length_equal_one_text_at_a_time():
         np.testing.assert_allclose(got[i], ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="pad token"):
         E.hidden_features(model, PreTrainedTokenizerFast(tokenizer_object=tok), texts)
+    every = E.hidden_features_at(model, tokenizer, texts, [0, 1, -1], max_length=T, batch_size=2)  # one forward
+    assert sorted(every) == [-1, 0, 1]
+    for layer in (0, 1, -1):
+        np.testing.assert_array_equal(every[layer], E.hidden_features(model, tokenizer, texts, max_length=T,
+                                                                      batch_size=2, layer=layer))
+    assert not np.allclose(every[0], every[-1])

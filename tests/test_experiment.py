@@ -237,3 +237,15 @@ def test_code_hash_covers_exactly_the_code_deps_of_the_training_stages():
         assert code == hashed, f"dvc.yaml stage {name!r}: code deps {sorted(code ^ hashed)} differ from code_files()"
         checked.append(name)
     assert {"base", "scratch", "upcycle", "extra_scratch", "extra_upcycle", "sensitivity"} <= set(checked), checked
+
+
+def test_the_sweep_stage_depends_on_the_variant_every_profile_sweeps():
+    """DVC cannot interpolate a parameter's value into a parameter name, so `upcycle_sweep` lists
+    ``variants.<router>`` by hand: it must be the router each profile's sweep trains, or editing that variant's
+    settings would leave a stale sweep (and the learning rate it picked) in place."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    listed = {p for p in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["upcycle_sweep"]["params"]
+              if isinstance(p, str) and p.startswith("variants.")}
+    swept = {f"variants.{prof['upcycle']['sweep']['variant']}" for prof in params["profiles"].values()
+             if (prof.get("upcycle") or {}).get("sweep")}
+    assert swept and swept <= listed, f"dvc.yaml upcycle_sweep params lack {sorted(swept - listed)}"
