@@ -80,11 +80,13 @@ class _CayleyColumns(torch.autograd.Function):
     def backward(ctx, grad_w: torch.Tensor):
         lu, pivots, q, base = ctx.saved_tensors
         k = q.shape[1]
-        g_b = torch.linalg.lu_solve(lu, pivots, base.t() @ grad_w, adjoint=True)
-        g_a_cols = (g_b @ q[:k].t()).add_(g_b).mul_(0.5)  # g_A[:, :k]
-        g_a_rows = (g_b[:k] @ q.t()).mul_(0.5)  # g_A[:k, :]
-        g_a_rows[:, :k].add_(g_b[:k], alpha=0.5)
-        return (g_a_cols - g_a_rows.t()).tril(), None
+        # in W_p's precision, also when backward runs inside an autocast region (its matmuls would be cast down)
+        with torch.autocast(lu.device.type, enabled=False):
+            g_b = torch.linalg.lu_solve(lu, pivots, base.t() @ grad_w.to(lu.dtype), adjoint=True)
+            g_a_cols = (g_b @ q[:k].t()).add_(g_b).mul_(0.5)  # g_A[:, :k]
+            g_a_rows = (g_b[:k] @ q.t()).mul_(0.5)  # g_A[:k, :]
+            g_a_rows[:, :k].add_(g_b[:k], alpha=0.5)
+            return (g_a_cols - g_a_rows.t()).tril(), None
 
 
 def cayley_weight(projector: nn.Module) -> torch.Tensor | None:
