@@ -26,7 +26,9 @@ if str(REPO) not in sys.path:  # `python benchmarks/x.py` from anywhere, with or
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # As in the pipeline (must precede the first torch import): OpenMP threads that spin while waiting make
-# 2-thread runs several times slower whenever another process shares the cores.
+# 2-thread runs several times slower whenever another process shares the cores. On an idle machine passive waiting
+# is not free: it slows many-small-op code (the MoE block) more than one big GEMM (README: the wait-policy table);
+# `OMP_WAIT_POLICY=ACTIVE python benchmarks/<script>.py` measures without it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402

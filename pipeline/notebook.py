@@ -31,6 +31,9 @@ def main(profile_name: str, name: str) -> None:
     shutil.rmtree(tmp_results, ignore_errors=True)
     tmp_results.mkdir(parents=True)
     executed.parent.mkdir(parents=True, exist_ok=True)
+    # the kernel inherits it: matplotlib then stamps the figures' PDFs with this date instead of the clock, so a
+    # rebuild from the same inputs writes the same bytes (the paper stage does the same for the LaTeX build)
+    os.environ["SOURCE_DATE_EPOCH"] = "0"
     papermill.execute_notebook(
         str(source), str(tmp_executed), kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=True,
         parameters={"profile": profile_name, "root": str(ROOT), "results_dir": str(tmp_results),

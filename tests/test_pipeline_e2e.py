@@ -99,6 +99,10 @@ def test_pdf_is_built_in_the_profiles_own_folder(tiny):
     pdf = tiny.dest / "paper" / "tiny" / "spectra.pdf"
     assert pdf.exists() and pdf.stat().st_size > 20_000
     assert (tiny.dest / "paper" / "tiny" / "generated" / "numbers.tex").exists()
+    figures = sorted((tiny.dest / "paper" / "tiny" / "generated" / "figures").glob("*.pdf"))
+    assert figures
+    for fig in figures:  # stamped with SOURCE_DATE_EPOCH, not the clock: a rebuild writes the same bytes
+        assert b"/CreationDate (D:19700101" in fig.read_bytes(), f"{fig.name} carries the build's clock time"
 
 
 @pytest.mark.slow
