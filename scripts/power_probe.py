@@ -15,6 +15,9 @@ arm, so that a budget is chosen from a measurement instead of a guess:
   (``paired_power``, the standardised effect a paired test sees; not the paper's figure); and for each pair
   `--pair A,B` the paired difference (mean, std) and its MDE (`stats.minimum_detectable_effect`, % perplexity)
   at the n seeds run;
+* the training loss (`lm_loss` of the run's log, mean of the `TRAIN_WINDOW` steps up to each point) beside the
+  held-out loss, which tells slow optimisation (both high) from a train/inference mismatch (train low, held-out
+  high); `--moe KEY=VALUE` sets a MoEConfig field on every MoE variant, to probe one factor at a longer budget;
 * wall seconds per run, from which ``arm_minutes`` = mean seconds per run x (`--arm-runs`, the runs one arm of the
   profile makes) / 60 — what a profile with that many steps would spend on that arm.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -37,12 +41,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "pipeline"))
 
 from common import is_dense, load_params, paths, profile  # noqa: E402
 import experiment  # noqa: E402
 
+from spectra.config import MoEConfig  # noqa: E402
 from spectra_artifact import stats  # noqa: E402
 from spectra_artifact.analysis import is_learned_router  # noqa: E402
 
@@ -65,8 +72,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="paired difference B - A whose MDE is reported (repeatable), e.g. spectra,hash")
     p.add_argument("--arm-runs", type=int, default=None,
                    help="runs of one arm for the cost estimate (default: the profile's runs of --arm)")
+    p.add_argument("--moe", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a MoEConfig field on every MoE variant (repeatable; VALUE read as YAML), "
+                        "e.g. sinkhorn_epsilon=0.2")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     return p.parse_args(argv)
+
+
+TRAIN_WINDOW = 16  # training steps averaged into the training loss reported at each curve point
+
+
+def moe_overrides(items: list[str]) -> dict:
+    """`--moe KEY=VALUE` arguments as MoEConfig overrides; a malformed item or an unknown field is refused."""
+    known = {f.name for f in dataclasses.fields(MoEConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"power_probe: --moe {item!r}: use KEY=VALUE with KEY a MoEConfig field "
+                             f"({', '.join(sorted(known))}).")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def train_curve(log: list[dict], steps: list[int], window: int = TRAIN_WINDOW) -> list[float]:
+    """Mean training `lm_loss` over the `window` optimizer steps ending at each of `steps`."""
+    losses = {r["step"]: r["lm_loss"] for r in log if "lm_loss" in r}
+    return [sum(w) / len(w) if (w := [losses[t] for t in range(s - window + 1, s + 1) if t in losses]) else math.nan
+            for s in steps]
 
 
 def arm_runs(params: dict, arm: str = "scratch") -> int:
@@ -135,6 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"power_probe: unknown variant(s) {', '.join(sorted(set(unknown)))}; "
                          f"choose from variants: in params.yaml ({', '.join(params['variants'])}).")
+    moe_set = moe_overrides(args.moe)
+    for v in variants:
+        if moe_set and not is_dense(params, v):
+            params["variants"][v] = {**(params["variants"].get(v) or {}), **moe_set}
     arm = args.arm
     prof[arm]["train"].update(steps=args.steps)
     if args.batch_size:
@@ -146,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     prof["eval"].update(curve_points=args.points)
     data = experiment.Data(params)
     curves: dict[str, dict[int, list[float]]] = {}
+    train_curves: dict[str, dict[int, list[float]]] = {}
     seconds: dict[str, list[float]] = {}
     steps: list[int] = []
     for v in variants:
@@ -154,19 +192,24 @@ def main(argv: list[str] | None = None) -> dict:
             with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
                 rec = experiment.run(params, arm, v, s, data, Path(d) / "run", Path(d) / "state",
                                      final_eval=False, **extra)
+                log = [json.loads(line) for line in (Path(d) / "run" / "log.jsonl").read_text().splitlines()]
             seconds.setdefault(v, []).append(time.perf_counter() - t0)
             steps = [c["step"] for c in rec["curve"]]
             curves.setdefault(v, {})[s] = [c["val_nll"] for c in rec["curve"]]
+            train_curves.setdefault(v, {})[s] = train_curve(log, steps)
             print(json.dumps({"variant": v, "seed": s, "val_nll": [round(x, 4) for x in curves[v][s]],
+                              "train_nll": [round(x, 4) for x in train_curves[v][s]],
                               "seconds": round(seconds[v][-1], 1)}), flush=True)
     rows = summarise(curves, steps, args.control, pairs)
     n_runs = args.arm_runs or arm_runs(params, arm)
     per_run = sum(sum(x) for x in seconds.values()) / sum(len(x) for x in seconds.values())
     result = {"profile": args.profile, "arm": arm, "vocab_size": data.meta["vocab_size"],
               "train": {**prof[arm]["train"], **extra.get("train_overrides", {})}, "symmetry": extra.get("symmetry"),
+              "moe_overrides": moe_set,
               "seeds": seeds, "variants": variants, "dense_variants": [v for v in variants if is_dense(params, v)],
               "curve_blocks": prof["eval"]["curve_blocks"],
               "curves": {v: {str(s): c for s, c in by.items()} for v, by in curves.items()}, "steps": steps,
+              "train_curves": {v: {str(s): c for s, c in by.items()} for v, by in train_curves.items()},
               "rows": rows, "seconds_per_run": per_run, "arm_runs": n_runs, "arm_minutes": per_run * n_runs / 60}
     print(f"\n{args.profile}, {arm} arm: vocab {result['vocab_size']}, {args.steps} steps x batch "
           f"{prof[arm]['train']['batch_size']}, seeds {seeds}; {per_run:.0f} s per run -> "

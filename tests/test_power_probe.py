@@ -60,3 +60,19 @@ def test_the_cost_estimate_counts_the_scratch_arm_as_the_pipeline_runs_it():
 def test_a_mistyped_variant_is_refused_before_anything_trains(capsys):
     with pytest.raises(SystemExit, match="unknown variant.*top3.*choose from"):
         P.main(["tiny", "--variants", "top2,top3", "--steps", "1"])
+
+
+def test_moe_overrides_read_yaml_values_and_refuse_an_unknown_field():
+    assert P.moe_overrides(["sinkhorn_epsilon=0.2", "weights_from=softmax", "use_sinkhorn=false"]) == {
+        "sinkhorn_epsilon": 0.2, "weights_from": "softmax", "use_sinkhorn": False}
+    with pytest.raises(SystemExit, match="sinkhorn_eps.*MoEConfig field.*sinkhorn_epsilon"):
+        P.moe_overrides(["sinkhorn_eps=0.2"])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        P.moe_overrides(["sinkhorn_epsilon"])
+
+
+def test_the_training_loss_at_a_point_is_the_mean_of_the_window_ending_there():
+    log = [{"step": t, "lm_loss": float(t)} for t in range(1, 41)] + [{"step": 40, "val_nll": 1.0}]
+    got = P.train_curve(log, [4, 20, 40], window=4)
+    assert got == [2.5, 18.5, 38.5]  # mean of steps 1-4, 17-20, 37-40; the evaluation line has no lm_loss
+    assert math.isnan(P.train_curve([], [4], window=4)[0])
