@@ -46,10 +46,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "pipeline"))
 
-from common import is_dense, load_params, paths, profile  # noqa: E402
+from common import is_dense, load_params, moe_config, paths, profile  # noqa: E402
 import experiment  # noqa: E402
 
-from spectra.config import MoEConfig  # noqa: E402
+from spectra.config import ConfigError, MoEConfig  # noqa: E402
 from spectra_artifact import stats  # noqa: E402
 from spectra_artifact.analysis import is_learned_router  # noqa: E402
 
@@ -93,6 +93,20 @@ def moe_overrides(items: list[str]) -> dict:
                              f"({', '.join(sorted(known))}).")
         out[key] = yaml.safe_load(value)
     return out
+
+
+def apply_moe_overrides(params: dict, variants: list[str], moe_set: dict) -> None:
+    """Put `moe_set` into every MoE variant's params.yaml entry, each checked by the pipeline's own `moe_config`
+    (MoEConfig's validation), so that a bad value is refused before anything trains."""
+    routed = [v for v in variants if not is_dense(params, v)]
+    if not routed:
+        raise SystemExit(f"power_probe: --moe has no MoE variant to apply to (--variants {', '.join(variants)}).")
+    for v in routed:
+        params["variants"][v] = {**(params["variants"].get(v) or {}), **moe_set}
+        try:
+            moe_config(params, v, hidden_size=0)  # 0 = taken from the model when it is built
+        except ConfigError as err:
+            raise SystemExit(f"power_probe: --moe for variant {v!r}: {err}") from None
 
 
 def train_curve(log: list[dict], steps: list[int], window: int = TRAIN_WINDOW) -> list[float]:
@@ -169,9 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"power_probe: unknown variant(s) {', '.join(sorted(set(unknown)))}; "
                          f"choose from variants: in params.yaml ({', '.join(params['variants'])}).")
     moe_set = moe_overrides(args.moe)
-    for v in variants:
-        if moe_set and not is_dense(params, v):
-            params["variants"][v] = {**(params["variants"].get(v) or {}), **moe_set}
+    if moe_set:
+        apply_moe_overrides(params, variants, moe_set)
     arm = args.arm
     prof[arm]["train"].update(steps=args.steps)
     if args.batch_size:

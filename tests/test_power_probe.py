@@ -76,3 +76,16 @@ def test_the_training_loss_at_a_point_is_the_mean_of_the_window_ending_there():
     got = P.train_curve(log, [4, 20, 40], window=4)
     assert got == [2.5, 18.5, 38.5]  # mean of steps 1-4, 17-20, 37-40; the evaluation line has no lm_loss
     assert math.isnan(P.train_curve([], [4], window=4)[0])
+
+
+def test_a_bad_moe_value_or_a_dense_only_run_is_refused_before_anything_trains():
+    # data/tiny need not exist: both are refused before the profile's data is read
+    with pytest.raises(SystemExit, match="'top2'.*sinkhorn_epsilon=0.*> 0"):
+        P.main(["tiny", "--variants", "top2", "--moe", "sinkhorn_epsilon=0", "--steps", "1"])
+    with pytest.raises(SystemExit, match="no MoE variant"):
+        P.main(["tiny", "--variants", "dense", "--moe", "sinkhorn_epsilon=0.2", "--steps", "1"])
+    params = P.load_params("default")
+    P.apply_moe_overrides(params, ["spectra", "dense"], {"sinkhorn_epsilon": 0.2})
+    assert params["variants"]["spectra"] == {"router": "spectra", "sinkhorn_epsilon": 0.2}
+    assert P.moe_config(params, "spectra", hidden_size=0).sinkhorn_epsilon == 0.2
+    assert "sinkhorn_epsilon" not in (params["variants"].get("dense") or {})
